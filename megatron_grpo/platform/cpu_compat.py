@@ -1,0 +1,123 @@
+"""Let the real megatron-core run on a machine without CUDA.
+
+megatron-core hard-codes CUDA in a handful of places that a CPU run reaches (measured with
+megatron-core 0.16.1; see shared notes "stack-facts"):
+
+* ``torch.cuda.current_device()`` (RoPE, TP helpers, p2p shape tensors);
+* the CUDA RNG tracker (``tensor_parallel.random``: ``torch.cuda.get_rng_state``/``manual_seed``,
+  ``_get_cuda_rng_state``/``_set_cuda_rng_state``);
+* factory calls with ``device="cuda"`` inside schedules, DDP, the optimizer, grad clipping and
+  ``get_default_causal_mask``; ``Tensor.cuda()``;
+* grad clipping's ``param.grad.type() == 'torch.cuda.FloatTensor'`` assertion;
+* ``torch.cuda.synchronize`` (dist_checkpointing, p2p).
+
+:func:`enable_cpu_compat` installs one global ``TorchFunctionMode`` that rewrites a CUDA ``device=``
+to CPU (and makes ``Tensor.cuda()`` a no-op), plus small patches for the RNG and sync functions.
+The CPU generator plays the role of "the CUDA generator", so Megatron's RNG tracker forks and
+restores it exactly as it would the CUDA one. It is never enabled when CUDA is available:
+GPU runs execute megatron-core untouched.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_LOCK = threading.Lock()
+_ENABLED = False
+_MODE: "_CudaToCpuMode | None" = None
+_CPU = torch.device("cpu")
+
+_CUDA_TENSOR_TYPES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int means "cuda:<int>" to torch factories.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrite CUDA placements to CPU for every torch call made while the mode is active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].device.type == "cpu":
+            # megatron's clip_grads asserts the CUDA type name of fp32 grads.
+            name = _CUDA_TENSOR_TYPES.get(args[0].dtype)
+            if name is not None:
+                return name
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs = dict(kwargs, device=_CPU)
+        if func is torch.Tensor.to and args and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _patch_cuda_namespace() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.synchronize = lambda device=None: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = cuda.manual_seed
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+
+
+def _patch_megatron_rng() -> None:
+    """Point megatron's CUDA RNG helpers at the CPU generator (module globals, looked up per call)."""
+    try:
+        from megatron.core.tensor_parallel import random as mrandom
+    except ImportError:  # megatron-core not installed: nothing to patch
+        return
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        state = torch.get_rng_state()
+        return state.clone() if clone else state
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CPU compatibility layer once per process. Returns True if it is active.
+
+    A no-op that returns False when CUDA is available. Call it once at start-up, before building
+    megatron-core models (``megatron_grpo.platform.setup_platform`` does).
+    """
+    global _ENABLED, _MODE
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        if _ENABLED:
+            return True
+        _patch_cuda_namespace()
+        _patch_megatron_rng()
+        _MODE = _CudaToCpuMode()
+        _MODE.__enter__()
+        _ENABLED = True
+    return True
+
+
+def cpu_compat_enabled() -> bool:
+    return _ENABLED

@@ -1,0 +1,48 @@
+"""Entry point of one rank launched by :func:`megatron_grpo.testing.torchrun.run_distributed`.
+
+Usage: ``python -m megatron_grpo.testing.torchrun_worker module:function RUN_DIR``.
+Writes ``RUN_DIR/rank<R>.json``: ``{"ok": true, "result": ...}`` or ``{"ok": false, "traceback": ...}``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def main() -> int:
+    target, run_dir = sys.argv[1], Path(sys.argv[2])
+    rank = int(os.environ.get("RANK", "0"))
+    out = run_dir / f"rank{rank}.json"
+    try:
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        kwargs = json.loads((run_dir / "kwargs.json").read_text())
+        result = func(**kwargs)
+        record = {"ok": True, "result": result}
+        code = 0
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit/KeyboardInterrupt
+        record = {"ok": False, "traceback": traceback.format_exc()}
+        code = 1
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, default=repr))
+    tmp.rename(out)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0:
+        # Skip interpreter teardown: vLLM/gloo background threads can hang at exit after success.
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
