@@ -1,0 +1,250 @@
+"""Worker processes that run reward calls with a hard timeout enforced from outside.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one hung task -- a worker stuck in
+C code (a sympy power with a huge exponent ignores math-verify's signal.alarm) would block it, and
+killing the process breaks the whole executor. Here every worker has its own pipe; the parent waits
+on all pipes with the earliest deadline, SIGKILLs a worker that runs past its task's deadline and
+starts a replacement. Workers run each call on their main thread, so math-verify's own signal-based
+timeouts work there too.
+
+Start method: "forkserver" by default (falls back to "spawn"): the caller may be a torchrun rank with
+torch and threads loaded, where plain fork is unsafe. The fork server preloads math-verify, so
+replacing a killed worker costs milliseconds, not a fresh interpreter.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_connections
+from typing import Any
+
+from megatron_grpo.rewards.registry import ResolvedReward
+
+PRELOAD_MODULES = ["megatron_grpo.rewards.registry", "math_verify", "sympy"]
+_STOP = None
+
+
+@dataclass
+class RewardTask:
+    """One reward call on a slice of the batch. stage: "call" or "per_sample" (staged rewards)."""
+
+    reward: str
+    stage: str
+    completions: list
+    solutions: list | None
+    kwargs: dict
+    timeout_s: float
+
+
+@dataclass
+class TaskOutcome:
+    """status "ok" (values set), "error" (message set) or "timeout"."""
+
+    status: str
+    values: list | None = None
+    message: str = ""
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: Any
+    started: float = field(default_factory=time.monotonic)
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: SIGKILL this worker when its parent (the fork server, or the caller) dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def run_reward_call(reward: Any, task: RewardTask) -> list:
+    """Invoke one reward stage on a task's slice (shared by workers and in-process mode)."""
+    if task.stage == "per_sample":
+        values = reward.per_sample(task.completions, solutions=task.solutions, **task.kwargs)
+    else:
+        values = reward(task.completions, solutions=task.solutions, **task.kwargs)
+    values = list(values)
+    if len(values) != len(task.completions):
+        raise ValueError(f"returned {len(values)} values for {len(task.completions)} completions")
+    return values
+
+
+def _worker_main(conn: Any, rewards: dict[str, ResolvedReward]) -> None:
+    """Worker loop: build the rewards once, then answer (task_id, task) messages until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer; it closes us
+    _set_parent_death_signal()
+    built: dict[str, Any] = {}
+    build_errors: dict[str, str] = {}
+    for name, resolved in rewards.items():
+        try:
+            built[name] = resolved.instantiate()
+        except BaseException as exc:  # reported on every call of that reward
+            build_errors[name] = f"{type(exc).__name__}: {exc}"
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is _STOP:
+            return
+        task_id, task = message
+        try:
+            if task.reward in build_errors:
+                raise RuntimeError(f"could not build reward in worker: {build_errors[task.reward]}")
+            reply = (task_id, TaskOutcome("ok", values=run_reward_call(built[task.reward], task)))
+        except BaseException as exc:  # math-verify's TimeoutException derives from BaseException
+            reply = (task_id, TaskOutcome("error", message=f"{type(exc).__name__}: {exc}"))
+        try:
+            conn.send(reply)
+        except Exception as exc:  # e.g. values that do not pickle
+            conn.send((task_id, TaskOutcome("error", message=f"result not sendable: {exc}")))
+
+
+def _mp_context(name: str):
+    if name == "forkserver" and "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOAD_MODULES)
+        return context
+    if name not in ("forkserver", "spawn"):
+        raise ValueError(f"mp_context must be 'forkserver' or 'spawn' (fork is unsafe in a torch process), got {name!r}")
+    return multiprocessing.get_context("spawn")
+
+
+class RewardWorkerPool:
+    """A fixed number of reward worker processes; num_workers=0 runs calls in-process (no timeout)."""
+
+    def __init__(self, rewards: dict[str, ResolvedReward], *, num_workers: int, mp_context: str = "forkserver"):
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self._rewards = rewards
+        self._context = _mp_context(mp_context) if num_workers else None
+        self._workers: list[_Worker] = []
+        self._in_process: dict[str, Any] = {}
+        self.workers_replaced = 0
+        self._closed = False
+        if num_workers == 0:
+            self._in_process = {name: r.instantiate() for name, r in rewards.items()}
+        for _ in range(num_workers):
+            self._workers.append(self._start_worker())
+
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def _start_worker(self) -> _Worker:
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_worker_main, args=(child_conn, self._rewards), name="reward-worker", daemon=True
+        )
+        process.start()
+        child_conn.close()
+        return _Worker(process=process, conn=parent_conn)
+
+    def _replace(self, index: int) -> None:
+        """SIGKILL worker ``index`` (hung or dead) and start a fresh one in its slot."""
+        worker = self._workers[index]
+        _kill(worker)
+        self._workers[index] = self._start_worker()
+        self.workers_replaced += 1
+
+    def run(self, tasks: list[RewardTask]) -> list[TaskOutcome]:
+        """Run all tasks, at most one per worker at a time; returns one outcome per task, in order."""
+        if self._closed:
+            raise RuntimeError("the reward worker pool is closed")
+        if not self._workers:
+            return [self._run_in_process(task) for task in tasks]
+        outcomes: list[TaskOutcome | None] = [None] * len(tasks)
+        pending = deque(range(len(tasks)))
+        running: dict[int, tuple[int, float]] = {}  # worker slot -> (task index, deadline)
+        while pending or running:
+            for slot in range(len(self._workers)):
+                if slot in running or not pending:
+                    continue
+                index = pending[0]
+                if not self._send(slot, index, tasks[index]):
+                    continue  # the slot was replaced; try again on the next pass
+                pending.popleft()
+                running[slot] = (index, time.monotonic() + tasks[index].timeout_s)
+            if not running:
+                continue
+            earliest = min(deadline for _, deadline in running.values())
+            conns = {self._workers[slot].conn: slot for slot in running}
+            ready = wait_for_connections(list(conns), timeout=max(0.0, earliest - time.monotonic()))
+            for conn in ready:
+                slot = conns[conn]
+                index, _ = running.pop(slot)
+                try:
+                    task_id, outcome = conn.recv()
+                    assert task_id == index, (task_id, index)
+                except (EOFError, OSError):
+                    code = self._workers[slot].process.exitcode
+                    outcome = TaskOutcome("error", message=f"reward worker died (exit code {code})")
+                    self._replace(slot)
+                outcomes[index] = outcome
+            now = time.monotonic()
+            for slot, (index, deadline) in list(running.items()):
+                if now >= deadline:
+                    running.pop(slot)
+                    outcomes[index] = TaskOutcome("timeout", message=f"no result after {tasks[index].timeout_s:g}s")
+                    self._replace(slot)
+        return outcomes  # type: ignore[return-value]
+
+    def _send(self, slot: int, index: int, task: RewardTask) -> bool:
+        try:
+            self._workers[slot].conn.send((index, task))
+            return True
+        except (BrokenPipeError, EOFError, OSError):
+            self._replace(slot)
+            return False
+
+    def _run_in_process(self, task: RewardTask) -> TaskOutcome:
+        try:
+            return TaskOutcome("ok", values=run_reward_call(self._in_process[task.reward], task))
+        except Exception as exc:
+            return TaskOutcome("error", message=f"{type(exc).__name__}: {exc}")
+
+    def close(self, *, grace_s: float = 2.0) -> None:
+        """Ask workers to stop, then kill any that have not within grace_s. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            try:
+                worker.conn.send(_STOP)
+            except Exception:
+                pass
+        deadline = time.monotonic() + grace_s
+        for worker in self._workers:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            _kill(worker)
+        self._workers = []
+
+
+def _kill(worker: _Worker) -> None:
+    if worker.process.is_alive():
+        try:
+            os.kill(worker.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    worker.process.join(timeout=5.0)
+    try:
+        worker.conn.close()
+    except Exception:
+        pass
+    try:
+        worker.process.close()
+    except ValueError:  # still running after SIGKILL + 5 s: leave it to the OS
+        pass
