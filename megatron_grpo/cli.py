@@ -1,0 +1,91 @@
+"""`megatron-grpo` console script: train, eval, convert, doctor, make-tiny.
+
+Every subcommand turns a bad input into one `error: ...` line on stderr and a non-zero exit before
+any expensive work (process groups, model builds, engine start) begins.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (may list `defaults:` to compose)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
+
+
+def _load(args, *, check_paths: bool):
+    from megatron_grpo.config import load_config, to_yaml, validate
+
+    cfg = load_config(args.config, args.overrides)
+    facts = validate(cfg, check_paths=check_paths and not args.print_config)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+    return cfg, facts
+
+
+def cmd_train(args) -> int:
+    cfg, _ = _load(args, check_paths=True)
+    if args.print_config:
+        return 0
+    from megatron_grpo.trainer import run_training  # imported late: heavy
+
+    return run_training(cfg)
+
+
+def cmd_make_tiny(args) -> int:
+    from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
+
+    spec = TinyModelSpec(arch=args.arch, num_layers=args.layers, tie_word_embeddings=args.tied,
+                         num_key_value_heads=args.kv_heads, seed=args.seed)
+    try:
+        out = make_tiny_model(args.out, spec, overwrite=args.force)
+    except FileExistsError as e:
+        raise ValueError(str(e)) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from megatron_grpo.bridge.doctor import doctor_main
+
+    return doctor_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-grpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run GRPO training")
+    _config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random HF model + tokenizer (tests, demo)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--arch", default="qwen2", choices=["llama", "qwen2", "qwen3"])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("doctor", help="Megatron vs vLLM vs HF logprob parity check", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_grpo.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

