@@ -1,0 +1,202 @@
+"""Checkpoint directories: atomic commit, keep-last-K, auto-resume, RNG state, preemption signals.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_00000010/            a complete checkpoint (has COMPLETE)
+        model/                megatron dist_checkpointing (model + optimizer), written by all ranks
+        trainer_state.json    step, sampler, scheduler, weight version, metrics tail
+        rng/rank_00000.pt     per-rank RNG states (tensors and ints only: loads with weights_only=True)
+        COMPLETE              JSON marker written last, after every rank finished
+    step_00000012.partial/    being written (or left by a crash): never resumed from
+
+A checkpoint becomes visible only by renaming ``.partial`` to its final name after a barrier, so a
+kill at any moment leaves either the previous set of complete checkpoints or a new complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    marker = path / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+def list_complete(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and is_complete(child):
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(root: Path, resume: str) -> Path | None:
+    """`auto`: the newest complete checkpoint under root (None if there is none); `none`; or a path,
+    which must be a complete checkpoint (a clear error otherwise)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        complete = list_complete(root)
+        return complete[-1][1] if complete else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume: {path} is not a directory")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint.resume: {path} is incomplete or corrupt (no valid {MARKER} marker)")
+    return path
+
+
+class CheckpointWriter:
+    """Two-phase write used by every rank: ``begin`` -> (all ranks write) -> ``commit`` on rank 0."""
+
+    def __init__(self, root: str | os.PathLike, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def partial_dir(self, step: int) -> Path:
+        return self.root / (step_dir_name(step) + ".partial")
+
+    def begin(self, step: int, *, is_writer: bool) -> Path:
+        """Rank 0 prepares a fresh partial dir; call a barrier before other ranks write into it."""
+        tmp = self.partial_dir(step)
+        if is_writer:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int, meta: dict) -> Path:
+        """Rank 0, after a barrier: marker, atomic rename, prune old complete checkpoints."""
+        tmp = self.partial_dir(step)
+        final = self.root / step_dir_name(step)
+        marker_tmp = tmp / (MARKER + ".tmp")
+        marker_tmp.write_text(json.dumps({"step": step, **meta}))
+        marker_tmp.replace(tmp / MARKER)
+        if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        tmp.replace(final)
+        self._fsync_dir(self.root)
+        self.prune(keep=final)
+        return final
+
+    def prune(self, keep: Path | None = None) -> None:
+        complete = list_complete(self.root)
+        excess = complete[: max(0, len(complete) - self.keep_last)] if self.keep_last > 0 else []
+        for _, path in excess:
+            if keep is None or path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---- RNG state -------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every RNG a step consumes: python, numpy, torch CPU (and CUDA), Megatron's tracker."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py_version, torch.tensor(py_state, dtype=torch.int64), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["megatron_tracker"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+    except Exception:  # megatron not initialised in this process
+        state["megatron_tracker"] = {}
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(int(x) for x in py_state.tolist()), py_gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available() and state["torch_cuda"]:
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+    if state.get("megatron_tracker"):
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+def save_rng(ckpt_dir: Path, rank: int) -> None:
+    path = ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path)
+
+
+def load_rng(ckpt_dir: Path, rank: int) -> None:
+    path = ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no RNG state for rank {rank} (saved with a different world size?)")
+    set_rng_state(torch.load(path, weights_only=True))
+
+
+# ---- preemption --------------------------------------------------------------------------------
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); the loop checks it between steps,
+    agrees on it across ranks, saves and exits cleanly."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.received: int | None = None
+        self._previous = {}
+        for sig in signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    @property
+    def set(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
