@@ -127,3 +127,12 @@ def test_cli_print_config_and_unknown_key(base_args):
                           text=True, cwd=REPO)
     assert good.returncode == 0, good.stderr
     assert "max_steps: 7" in good.stdout
+
+
+def test_unknown_reward_lists_known_ones(base_args):
+    cfg = load_config(None, base_args + ["rewards.functions=[{name: acuracy}]"])
+    with pytest.raises(ConfigError, match=r"rewards.functions.0: unknown reward 'acuracy'; known rewards: .*accuracy"):
+        validate(cfg)
+    cfg = load_config(None, base_args + ["rewards.functions=[{name: 'no_such_pkg.mod:fn'}]"])
+    with pytest.raises(ConfigError, match="rewards.functions.0: .*no_such_pkg.mod:fn"):
+        validate(cfg)

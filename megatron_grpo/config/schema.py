@@ -113,9 +113,16 @@ class DataConfig:
 
 @dataclass
 class RewardSpec:
+    """One reward; fields mirror megatron_grpo.rewards.RewardSpec."""
+
     name: str = "???"  # registry name or "pkg.module:function"
     weight: float = 1.0
     params: Dict[str, Any] = field(default_factory=dict)
+    label: Optional[str] = None  # metric key reward/<label>/...
+    on_none: Any = 0.0  # value added for a skipped (None) sample, or "exclude"
+    on_error: float = 0.0
+    on_timeout: float = 0.0
+    timeout_s: Optional[float] = None  # per-call limit (None: rewards.timeout_s)
 
 
 @dataclass

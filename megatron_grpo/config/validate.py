@@ -106,6 +106,23 @@ def _check_output_dir(path: Path) -> None:
         raise ConfigError(f"trainer.output_dir: {probe_parent} is not writable")
 
 
+def _check_rewards(cfg: DictConfig) -> None:
+    """Unknown reward names and bad plugin paths fail here, listing what is known."""
+    from omegaconf import OmegaConf
+
+    from megatron_grpo.rewards import RewardSpec, resolve_reward
+
+    if not cfg.rewards.functions:
+        raise ConfigError("rewards.functions is empty: configure at least one reward (e.g. accuracy)")
+    for i, entry in enumerate(cfg.rewards.functions):
+        try:
+            spec = RewardSpec.from_config(OmegaConf.to_container(entry, resolve=True))
+            spec.validate()
+            resolve_reward(spec.name, spec.params)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"rewards.functions.{i}: {str(e).splitlines()[0]}") from None
+
+
 def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     """Run every cross-field check; returns derived facts (model shape, world size, DP size)."""
     _check_choices(cfg)
@@ -135,9 +152,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
         raise ConfigError("set trainer.max_steps or trainer.epochs")
     if cfg.data.test_split is None and not 0 <= cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must be in [0, 1)")
-    for i, spec in enumerate(cfg.rewards.functions):
-        if not spec.name:
-            raise ConfigError(f"rewards.functions.{i}.name is empty")
+    _check_rewards(cfg)
 
     shape = model_shape(cfg) if check_paths or cfg.model.init == "tiny" else None
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
