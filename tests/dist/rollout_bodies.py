@@ -1,0 +1,41 @@
+"""Rank bodies for the rollout engine tests (real vLLM, real torch.distributed; no mocks)."""
+from __future__ import annotations
+
+
+def _summ(batch):
+    return {
+        "prompt_indices": batch.prompt_indices,
+        "tokens": batch.completion_token_ids,
+        "logprobs": batch.rollout_logprobs,
+        "finish": batch.finish_reasons,
+        "texts": batch.completion_texts,
+        "prompt_ids": batch.prompt_token_ids,
+        "version": batch.weight_version,
+    }
+
+
+def colocated_generate(model_dir: str, rollout_tp: int, prompts: list, group: int = 4) -> dict:
+    """Generate twice with one seed and once with another; score the sampled sequences."""
+    import torch.distributed as dist
+
+    from megatron_grpo.distributed.init import init_distributed
+    from megatron_grpo.rollout import ColocatedEngine, EngineConfig, SamplingConfig
+
+    init_distributed(tp=1, pp=1)
+    engine = ColocatedEngine(EngineConfig(model=model_dir, tensor_parallel_size=rollout_tp,
+                                          max_model_len=256, kv_cache_memory_bytes=32 << 20))
+    sampling = SamplingConfig(n=group, temperature=1.0, max_tokens=12)
+    a = engine.generate(prompts, sampling, seed=11)
+    b = engine.generate(prompts, sampling, seed=11)
+    c = engine.generate(prompts, sampling, seed=12)
+    # stop strings end a completion with finish reason "stop"
+    stopped = engine.generate(prompts[:2], SamplingConfig(n=group, max_tokens=12, stop=("e",)), seed=3)
+    seqs = [p + t for p, t in zip(a.prompt_token_ids, a.completion_token_ids)]
+    scores = engine.score(seqs)
+    # the default group is still usable after vLLM took over its sub-groups
+    import torch
+
+    x = torch.ones(1) * (dist.get_rank() + 1)
+    dist.all_reduce(x)
+    return {"a": _summ(a), "b": _summ(b), "c": _summ(c), "stopped": _summ(stopped),
+            "scores": scores, "allreduce": float(x), "dp": engine.dp, "replica": engine.replica}
