@@ -33,6 +33,9 @@ class ModelConfig:
     path: str = "???"  # HF model folder (config.json + safetensors + tokenizer)
     init: str = "hf"  # hf: load `path`; tiny: create a tiny random model at `path` if it is missing
     tiny: TinyModel = field(default_factory=TinyModel)
+    # init=tiny only: supervised warm-start steps on the training data before GRPO (trainer/warm_start.py)
+    warm_start_steps: int = 0
+    warm_start_lr: float = 1e-3
     dtype: str = "float32"  # float32 | bfloat16
     trust_remote_code: bool = False
     recompute: str = "none"  # none | selective | full
@@ -99,7 +102,7 @@ class DataConfig:
     path: str = "???"  # local json/jsonl/parquet/csv/dataset dir, or a hub name
     synthetic: bool = False  # create a synthetic arithmetic dataset at `path` if missing
     synthetic_train: int = 2000
-    synthetic_test: int = 200
+    synthetic_test: int = 100  # <= 150: the arithmetic task has 300 distinct problems
     train_split: str = "train"
     test_split: Optional[str] = "test"
     test_fraction: float = 0.0  # used when there is no test split
