@@ -198,3 +198,24 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_do_not_reimport_callers_main(tmp_path):
+    """A trainer script's top level (torch, megatron imports) must not run again in every worker."""
+    import subprocess
+
+    marker = tmp_path / "imports.txt"
+    script = tmp_path / "trainer_script.py"
+    script.write_text(
+        "import sys\n"
+        f"open({str(marker)!r}, 'a').write(__name__ + '\\n')\n"
+        "from megatron_grpo.rewards import RewardManager\n"
+        "if __name__ == '__main__':\n"
+        "    with RewardManager(['format'], num_workers=2) as m:\n"
+        "        assert m.compute(['<think>a</think><answer>b</answer>'] * 4).rewards['format'] == [1.0] * 4\n"
+        "    assert __file__.endswith('trainer_script.py')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, str(script)], check=True, env=env, cwd=tmp_path, timeout=60)
+    assert marker.read_text().split() == ["__main__"]

@@ -9,13 +9,18 @@ timeouts work there too.
 
 Start method: "forkserver" by default (falls back to "spawn"): the caller may be a torchrun rank with
 torch and threads loaded, where plain fork is unsafe. The fork server preloads math-verify, so
-replacing a killed worker costs milliseconds, not a fresh interpreter.
+replacing a killed worker costs milliseconds, not a fresh interpreter. Workers do not re-import the
+caller's ``__main__`` (multiprocessing's default): a trainer script importing torch, megatron and
+vLLM would cost every worker seconds and hundreds of MB. Rewards must therefore live in importable
+modules -- which the plugin path ``pkg.module:function`` requires anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -110,6 +115,23 @@ def _worker_main(conn: Any, rewards: dict[str, ResolvedReward]) -> None:
             conn.send((task_id, TaskOutcome("error", message=f"result not sendable: {exc}")))
 
 
+@contextlib.contextmanager
+def _main_module_hidden():
+    """Hide ``__main__``'s file and spec while a worker starts, so multiprocessing's preparation data
+    does not tell the child to re-run the caller's main module."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if main is not None and key in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__dict__.update(saved)
+
+
 def _mp_context(name: str):
     if name == "forkserver" and "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
@@ -149,7 +171,8 @@ class RewardWorkerPool:
         process = self._context.Process(
             target=_worker_main, args=(child_conn, self._rewards), name="reward-worker", daemon=True
         )
-        process.start()
+        with _main_module_hidden():
+            process.start()
         child_conn.close()
         return _Worker(process=process, conn=parent_conn)
 
