@@ -72,6 +72,7 @@ def test_test_fraction_split_is_seeded_and_disjoint(tmp_path):
     assert len(a.train) == 7 and len(a.test) == 3
     assert as_pairs(a.test) == as_pairs(b.test) and as_pairs(a.test) != as_pairs(c.test)
     assert sorted(as_pairs(a.train) + as_pairs(a.test)) == sorted(EXPECTED)
+    assert load_prompt_dataset(str(path), test_fraction=0.0).test is None
 
 
 @pytest.mark.parametrize("bad_row, fragment", [

@@ -175,7 +175,7 @@ def load_prompt_dataset(
     """Load and validate a dataset's train (and test) split.
 
     test_split: the split used for evaluation when the source has it (None: never). test_fraction:
-    when the source has no such split, carve this fraction out of train with ``seed`` (None: no test).
+    when the source has no such split, carve this fraction out of train with ``seed`` (None/0: no test).
     on_bad_row: "error" or "skip". stats: ``rows_read`` (all splits), ``dropped_bad_rows``,
     ``train_rows``, ``test_rows``.
     """
@@ -183,8 +183,8 @@ def load_prompt_dataset(
 
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    if test_fraction is not None and not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     parts = _load_parts(source)
     if train_split not in parts:
         raise DatasetLoadError(f"dataset {source!r} has no split {train_split!r} (splits: {sorted(parts)})")
@@ -200,7 +200,7 @@ def load_prompt_dataset(
 
     train = assemble(train_split)
     test = assemble(test_split) if test_split is not None and test_split in parts else None
-    if test is None and test_fraction is not None and len(train) > 1:
+    if test is None and test_fraction and len(train) > 1:
         halves = train.train_test_split(test_size=test_fraction, seed=seed)
         train, test = halves["train"], halves["test"]
     if max_train_samples is not None:
