@@ -53,6 +53,16 @@ def cmd_doctor(args) -> int:
     return doctor_main(args.rest)
 
 
+def cmd_eval(args) -> int:
+    from megatron_grpo.trainer.evaluate import eval_main
+
+    return eval_main(args.rest)
+
+
+# Subcommands with their own argument parsers: everything after the name is handed over as is.
+PASSTHROUGH = {"eval": cmd_eval, "doctor": cmd_doctor}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-grpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_make_tiny)
 
+    p = sub.add_parser("eval", help="evaluate an HF model folder with vLLM (reward, accuracy, pass@k)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("doctor", help="Megatron vs vLLM vs HF logprob parity check", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_doctor)
@@ -77,7 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PASSTHROUGH:
+        args = argparse.Namespace(func=PASSTHROUGH[argv[0]], rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     from megatron_grpo.config import ConfigError
 
     try:

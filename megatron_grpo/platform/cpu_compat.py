@@ -111,6 +111,10 @@ def enable_cpu_compat() -> bool:
     with _LOCK:
         if _ENABLED:
             return True
+        import warnings
+
+        # Expected without CUDA (they need it); megatron-core warns about each at import.
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         _patch_cuda_namespace()
         _patch_megatron_rng()
         _MODE = _CudaToCpuMode()
