@@ -13,6 +13,11 @@ continues. None (a reward skipping a sample, e.g. an unparseable gold) stays Non
 lists; in the total it counts as ``weight * spec.on_none``, or -- with ``on_none="exclude"`` -- adds
 nothing and sets ``excluded[i]`` so the trainer can leave the sample out of the loss.
 
+Metrics of one batch (``RewardBatchResult.metrics``): ``reward/<key>/mean`` (over non-None values),
+``reward/<key>/none``, ``reward/<key>/errors``, ``reward/<key>/timeouts``, ``reward/total/mean``,
+``reward/excluded``, ``reward/workers_replaced``, ``reward/compute_seconds``. ``RewardManager.counters``
+keeps the run's cumulative ``reward/<key>/errors`` and ``reward/<key>/timeouts``.
+
 Keyword arguments of ``compute`` that are lists of the batch's length are per-sample (sliced with the
 chunk, like TRL's dataset columns); anything else is passed whole to every call.
 """
@@ -51,6 +56,7 @@ def _as_reward_value(value: Any) -> float | None:
 
 class RewardManager:
     """Computes every configured reward of a batch; use as a context manager (closing stops workers).
+    One caller thread at a time: ``compute`` is not re-entrant.
 
     rewards: RewardSpec objects, names, or mappings (``{"name": "format", "weight": 0.5, ...}``).
     num_workers: worker processes (0 = run in this process without timeouts, for debugging).
@@ -112,7 +118,7 @@ class RewardManager:
         self, completions: Sequence[Any], *, solutions: Sequence[str] | None = None, **kwargs: Any
     ) -> RewardBatchResult:
         """Score a batch with every reward; see the module docstring for None/error/timeout handling."""
-        started = time.monotonic()
+        started, replaced_before = time.monotonic(), self._pool.workers_replaced
         texts = [completion_text(c) for c in completions]
         n = len(texts)
         solutions = list(solutions) if solutions is not None else None
@@ -126,6 +132,7 @@ class RewardManager:
         rewards = self._finish(texts, solutions, kwargs, raw, statuses)
         total, excluded = self._combine(rewards)
         metrics = self._metrics(rewards, statuses, total, excluded)
+        metrics["reward/workers_replaced"] = float(self._pool.workers_replaced - replaced_before)
         metrics["reward/compute_seconds"] = time.monotonic() - started
         return RewardBatchResult(rewards=rewards, total=total, excluded=excluded, metrics=metrics)
 
@@ -241,5 +248,4 @@ class RewardManager:
             metrics[f"reward/{spec.key}/timeouts"] = float(statuses[spec.key].count("timeout"))
         metrics["reward/total/mean"] = sum(total) / len(total) if total else float("nan")
         metrics["reward/excluded"] = float(sum(excluded))
-        metrics["reward/workers_replaced"] = float(self._pool.workers_replaced)
         return metrics
