@@ -219,3 +219,11 @@ def test_workers_do_not_reimport_callers_main(tmp_path):
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, str(script)], check=True, env=env, cwd=tmp_path, timeout=60)
     assert marker.read_text().split() == ["__main__"]
+
+
+def test_spawn_start_up_does_not_count_against_the_timeout():
+    """Under spawn a worker needs ~1 s of imports; a 0.5 s call limit must still pass normal samples."""
+    with RewardManager(["accuracy"], num_workers=1, timeout_s=0.5, mp_context="spawn") as manager:
+        result = manager.compute(["\\boxed{8}", "\\boxed{7}"], solutions=["$8$", "$8$"])
+    assert result.rewards["accuracy"] == [1.0, 0.0]
+    assert result.metrics["reward/accuracy/timeouts"] == 0

@@ -17,6 +17,7 @@ modules -- which the plugin path ``pkg.module:function`` requires anyway.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing
 import os
 import signal
@@ -31,6 +32,8 @@ from megatron_grpo.rewards.registry import ResolvedReward
 
 PRELOAD_MODULES = ["megatron_grpo.rewards.registry", "math_verify", "sympy"]
 _STOP = None
+_READY = -1
+STARTUP_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -59,6 +62,7 @@ class _Worker:
     process: Any
     conn: Any
     started: float = field(default_factory=time.monotonic)
+    ready: bool = False
 
 
 def _set_parent_death_signal() -> None:
@@ -88,6 +92,11 @@ def _worker_main(conn: Any, rewards: dict[str, ResolvedReward]) -> None:
     """Worker loop: build the rewards once, then answer (task_id, task) messages until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer; it closes us
     _set_parent_death_signal()
+    for module in PRELOAD_MODULES:  # no-op under the fork server; under spawn, before "ready"
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
     built: dict[str, Any] = {}
     build_errors: dict[str, str] = {}
     for name, resolved in rewards.items():
@@ -95,6 +104,7 @@ def _worker_main(conn: Any, rewards: dict[str, ResolvedReward]) -> None:
             built[name] = resolved.instantiate()
         except BaseException as exc:  # reported on every call of that reward
             build_errors[name] = f"{type(exc).__name__}: {exc}"
+    conn.send((_READY, None))  # start-up (imports, building) must not eat a task's timeout
     while True:
         try:
             message = conn.recv()
@@ -153,6 +163,7 @@ class RewardWorkerPool:
         self._workers: list[_Worker] = []
         self._in_process: dict[str, Any] = {}
         self.workers_replaced = 0
+        self._startup_failures = 0
         self._closed = False
         if num_workers == 0:
             self._in_process = {name: r.instantiate() for name, r in rewards.items()}
@@ -184,7 +195,9 @@ class RewardWorkerPool:
         self.workers_replaced += 1
 
     def run(self, tasks: list[RewardTask]) -> list[TaskOutcome]:
-        """Run all tasks, at most one per worker at a time; returns one outcome per task, in order."""
+        """Run all tasks, at most one per worker at a time; returns one outcome per task, in order.
+
+        A task's deadline starts when it is handed to a worker that has finished starting up."""
         if self._closed:
             raise RuntimeError("the reward worker pool is closed")
         if not self._workers:
@@ -193,37 +206,51 @@ class RewardWorkerPool:
         pending = deque(range(len(tasks)))
         running: dict[int, tuple[int, float]] = {}  # worker slot -> (task index, deadline)
         while pending or running:
-            for slot in range(len(self._workers)):
-                if slot in running or not pending:
-                    continue
-                index = pending[0]
-                if not self._send(slot, index, tasks[index]):
-                    continue  # the slot was replaced; try again on the next pass
-                pending.popleft()
-                running[slot] = (index, time.monotonic() + tasks[index].timeout_s)
-            if not running:
-                continue
-            earliest = min(deadline for _, deadline in running.values())
-            conns = {self._workers[slot].conn: slot for slot in running}
-            ready = wait_for_connections(list(conns), timeout=max(0.0, earliest - time.monotonic()))
+            for slot, worker in enumerate(self._workers):
+                if pending and worker.ready and slot not in running and self._send(slot, pending[0], tasks[pending[0]]):
+                    index = pending.popleft()
+                    running[slot] = (index, time.monotonic() + tasks[index].timeout_s)
+            starting = [slot for slot, w in enumerate(self._workers) if not w.ready]
+            deadlines = [d for _, d in running.values()] + [self._workers[s].started + STARTUP_TIMEOUT_S for s in starting]
+            conns = {self._workers[slot].conn: slot for slot in list(running) + starting}
+            ready = wait_for_connections(list(conns), timeout=max(0.0, min(deadlines) - time.monotonic()))
             for conn in ready:
                 slot = conns[conn]
-                index, _ = running.pop(slot)
                 try:
                     task_id, outcome = conn.recv()
-                    assert task_id == index, (task_id, index)
                 except (EOFError, OSError):
                     code = self._workers[slot].process.exitcode
-                    outcome = TaskOutcome("error", message=f"reward worker died (exit code {code})")
+                    if slot in running:
+                        outcomes[running.pop(slot)[0]] = TaskOutcome("error", message=f"reward worker died (exit code {code})")
+                    else:
+                        self._note_startup_failure(f"exit code {code}")
                     self._replace(slot)
-                outcomes[index] = outcome
+                    continue
+                if task_id == _READY:
+                    self._workers[slot].ready = True
+                    self._startup_failures = 0
+                else:
+                    index, _ = running.pop(slot)
+                    assert task_id == index, (task_id, index)
+                    outcomes[index] = outcome
             now = time.monotonic()
             for slot, (index, deadline) in list(running.items()):
                 if now >= deadline:
                     running.pop(slot)
                     outcomes[index] = TaskOutcome("timeout", message=f"no result after {tasks[index].timeout_s:g}s")
                     self._replace(slot)
+            for slot in starting:
+                worker = self._workers[slot]
+                if not worker.ready and now >= worker.started + STARTUP_TIMEOUT_S:
+                    self._note_startup_failure(f"not ready after {STARTUP_TIMEOUT_S:g}s")
+                    self._replace(slot)
         return outcomes  # type: ignore[return-value]
+
+    def _note_startup_failure(self, reason: str) -> None:
+        """Give up (instead of respawning forever) when workers keep dying before they are ready."""
+        self._startup_failures += 1
+        if self._startup_failures > 3 * len(self._workers):
+            raise RuntimeError(f"reward workers keep failing to start ({reason}); see their stderr")
 
     def _send(self, slot: int, index: int, task: RewardTask) -> bool:
         try:
