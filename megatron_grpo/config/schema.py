@@ -135,7 +135,6 @@ class RewardsConfig:
     )
     timeout_s: float = 5.0
     num_workers: int = 2
-    error_value: float = 0.0
 
 
 @dataclass

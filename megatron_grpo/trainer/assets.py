@@ -74,7 +74,7 @@ def _training_rows(cfg: DictConfig, load_prompt_dataset) -> list[dict]:
     train = splits.train
     if "answer" not in train.column_names:
         raise ValueError(f"model.warm_start_steps needs an 'answer' column in {cfg.data.path} (synthetic data has one)")
-    return [{"problem": r[cfg.data.prompt_column], "answer": r["answer"]} for r in train]
+    return [{"problem": r["problem"], "answer": r["answer"]} for r in train]  # loader renames columns
 
 
 def prepare_assets(cfg: DictConfig) -> None:
