@@ -5,7 +5,6 @@ One launch per (TP, PP) checks all three architectures (launches cost 10-40 s on
 from __future__ import annotations
 
 import importlib.util
-import math
 from pathlib import Path
 
 import torch
@@ -127,19 +126,55 @@ def _roundtrip(models: dict, tp: int, pp: int, workdir: str, reshard_from: dict 
     return out
 
 
+def _error_cases(models: dict, workdir: str, reshard_from: dict | None) -> dict:
+    """Messages of the loader's refusals: a missing tensor, a wrong shape, a padded-vocab mismatch."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_grpo.models.checkpoint_io import load_megatron_checkpoint
+    from megatron_grpo.models.loader import load_hf_weights
+    from megatron_grpo.models.provider import build_gpt_model, load_model_info, transformer_config
+
+    src = Path(models["qwen2"])
+    info = load_model_info(src)
+    model = build_gpt_model(info, transformer_config(info, perform_initialization=False))
+    out = {}
+    for case in ("missing", "shape"):
+        d = Path(workdir) / f"bad-{case}"
+        shutil.copytree(src, d)
+        tensors = load_file(str(d / "model.safetensors"))
+        if case == "missing":
+            del tensors["model.layers.1.mlp.up_proj.weight"]
+        else:
+            tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:128]
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            load_hf_weights(model, d, info)
+            out[case] = None
+        except ValueError as e:
+            out[case] = f"{type(e).__name__}: {e}"
+    if reshard_from and "qwen2" in reshard_from:  # the checkpoint has 512 rows; build with 1024
+        big = build_gpt_model(info, transformer_config(info, perform_initialization=False), padded_vocab_size=1024)
+        try:
+            load_megatron_checkpoint(big, reshard_from["qwen2"])
+            out["padded_vocab"] = None
+        except ValueError as e:
+            out["padded_vocab"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def parity_and_roundtrip(tp: int, pp: int, models: dict, workdir: str | None = None,
-                         reshard_from: dict | None = None) -> dict:
+                         reshard_from: dict | None = None, error_cases: bool = False) -> dict:
     from megatron_grpo.distributed.init import current_layout, destroy_distributed, init_distributed
 
     init_distributed(tp=tp, pp=pp, seed=1234)
     layout = current_layout()
     result = {"rank": layout.rank, "tp_rank": layout.tp_rank, "pp_rank": layout.pp_rank,
               "last_stage": layout.is_last_stage, "parity": _parity(models, tp, pp)}
+    if error_cases:
+        result["errors"] = _error_cases(models, workdir, reshard_from)
     if workdir is not None:
         result["roundtrip"] = _roundtrip(models, tp, pp, workdir, reshard_from)
     destroy_distributed()
     return result
-
-
-def finite(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
