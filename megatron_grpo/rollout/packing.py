@@ -30,6 +30,18 @@ class BucketMeta:
     def __len__(self) -> int:
         return len(self.names)
 
+    def to_wire(self) -> dict:
+        """Plain lists/ints: safe for vLLM's RPC serialisation (msgpack) without pickle."""
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtypes": list(self.dtypes),
+                "offsets": list(self.offsets), "nbytes": int(self.nbytes)}
+
+    @classmethod
+    def from_wire(cls, d: "dict | BucketMeta") -> "BucketMeta":
+        if isinstance(d, cls):
+            return d
+        return cls(tuple(d["names"]), tuple(tuple(int(x) for x in s) for s in d["shapes"]), tuple(d["dtypes"]),
+                   tuple(int(o) for o in d["offsets"]), int(d["nbytes"]))
+
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN

@@ -104,6 +104,15 @@ class MegatronGRPOWorkerExtension:
         expected = {n for n, _ in model.named_parameters()}
         return sorted(expected - self._mgrpo_loaded)
 
+    def mgrpo_reload_from_path(self, weights_path: str) -> None:
+        """The filesystem path: vLLM's own ``reload_weights(weights_path=...)`` (every safetensors
+        file in the folder), plus the tied-weight re-processing it lacks."""
+        from vllm.config import set_current_vllm_config
+
+        self.reload_weights(weights_path=weights_path)
+        with set_current_vllm_config(self.vllm_config):
+            _reprocess_shared_weight_modules(self._mgrpo_model())
+
     def mgrpo_param_checksum(self) -> float:
         """Sum of all parameters (float64): a cheap "did the weights change" probe for tests."""
         total = 0.0
@@ -126,8 +135,9 @@ class MegatronGRPOWorkerExtension:
         # Rank of this worker inside its engine (TP x PP); set by vLLM on the worker.
         return int(getattr(self, "rank", 0))
 
-    def mgrpo_recv_bucket(self, meta: BucketMeta) -> int:
+    def mgrpo_recv_bucket(self, meta: dict) -> int:
         """Receive one packed bucket from rank 0 of the transfer group and load it."""
+        meta = BucketMeta.from_wire(meta)
         group = self._mgrpo_group
         device = torch.device("cuda", torch.cuda.current_device()) if group.backend == "nccl" else torch.device("cpu")
         buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=device)

@@ -109,3 +109,51 @@ def parity(models: list[str], tp: int, pp: int, rollout_tp: int, steps: int = 3,
         del bridge, model
         gc.collect()
     return out
+
+
+def disaggregated(model_dir: str, tp: int, pp: int, weights_path: str, pg_rollout_tp: int = 1,
+                  fs_rollout_tp: int = 1, steps: int = 2) -> dict:
+    """Engines in their own processes: process-group push and filesystem fallback, same checks."""
+    import os
+
+    from megatron_grpo.bridge import WeightBridge
+    from megatron_grpo.bridge.policy import build_policy
+    from megatron_grpo.distributed.init import init_distributed
+    from megatron_grpo.rollout import DisaggregatedEngine, EngineConfig, SamplingConfig
+
+    init_distributed(tp=tp, pp=pp, seed=1234)
+    gen = torch.Generator().manual_seed(5)
+    seqs = torch.randint(0, 440, (3, 20), generator=gen).tolist()
+    def cfg(rtp):
+        return EngineConfig(model=model_dir, tensor_parallel_size=rtp, max_model_len=128,
+                            kv_cache_memory_bytes=16 << 20)
+
+    engines = {"pg": DisaggregatedEngine(cfg(pg_rollout_tp), transport="pg"),
+               "fs": DisaggregatedEngine(cfg(fs_rollout_tp), transport="fs", weights_path=weights_path)}
+    model, info = build_policy(model_dir)
+    out = {"trainer_pid": os.getpid()}
+    for name, engine in engines.items():
+        out[name] = {"step0": _max_err(_megatron_logprobs(model, info, seqs), engine.score(seqs)),
+                     "worker_pids": engine.worker_pids()}
+    _train_steps(model, info, steps, lr=3e-3)
+    meg = _megatron_logprobs(model, info, seqs)
+    for name, engine in engines.items():
+        r = out[name]
+        r["skipped_sync"] = _max_err(meg, engine.score(seqs))
+        bridge = WeightBridge([model], engine, info, bucket_mb=0.25)
+        stats = bridge.sync()
+        after = engine.score(seqs)
+        r["synced"] = _max_err(meg, after)
+        bridge.sync()
+        r["resync_change"] = _max_err(after, engine.score(seqs))
+        r["version"] = engine.weight_version
+        r["sync_s"] = stats.seconds
+        r["not_loaded"] = engine.last_not_loaded
+        sp = SamplingConfig(n=3, max_tokens=6)
+        a, b = engine.generate([seqs[0][:5]], sp, seed=4), engine.generate([seqs[0][:5]], sp, seed=4)
+        r["reproducible"] = a.completion_token_ids == b.completion_token_ids
+        r["group"] = len(a)
+        r["versions_on_disk"] = sorted(os.listdir(weights_path)) if name == "fs" else None
+    for engine in engines.values():
+        engine.shutdown()
+    return out
