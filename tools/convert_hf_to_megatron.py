@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _preflight(args):
-    """Checks that need no process group (and no megatron import): fail fast, on every rank alike."""
+    """Checks that need no process group: fail fast, on every rank alike, before any collective."""
     from megatron_grpo.models.checkpoint_io import CheckpointError
     from megatron_grpo.models.loader import HFCheckpoint
     from megatron_grpo.models.provider import check_parallel, load_model_info

@@ -23,7 +23,7 @@ from . import hf_mapping as hm
 from .provider import ModelInfo, load_model_info
 
 __all__ = ["WeightLoadError", "HFCheckpoint", "LoadReport", "unwrap_model", "layer_offset_of",
-           "named_global_parameters", "load_hf_weights"]
+           "named_global_parameters", "load_hf_weights", "load_megatron_checkpoint"]
 
 
 class WeightLoadError(ValueError):
@@ -159,7 +159,8 @@ def load_hf_weights(model_chunks, model_dir, info: ModelInfo | None = None, *,
     ``progress(done, total, name)`` is called after each parameter.
     """
     started = time.monotonic()
-    info = info or load_model_info(model_dir)
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    info = info or getattr(unwrap_model(chunks[0]), "megatron_grpo_info", None) or load_model_info(model_dir)
     tp_rank, tp_size = _tp_position()
     ckpt = HFCheckpoint(model_dir)
     expected = hm.hf_param_shapes(info)
@@ -196,3 +197,14 @@ def load_hf_weights(model_chunks, model_dir, info: ModelInfo | None = None, *,
     report.tensors = len(report.names)
     report.seconds = time.monotonic() - started
     return report
+
+
+def load_megatron_checkpoint(model_chunks, ckpt_dir, *, strict: bool = True) -> dict:
+    """Load a dist_checkpointing checkpoint written by ``tools/convert_hf_to_megatron.py`` (any TP/PP).
+
+    Thin alias of :func:`checkpoint_io.load_megatron_checkpoint`, so both weight sources are reachable
+    from the loader. Returns the checkpoint's metadata (ModelInfo dict, tp/pp, padded vocab, dtype).
+    """
+    from .checkpoint_io import load_megatron_checkpoint as _load
+
+    return _load(model_chunks, ckpt_dir, strict=strict)
