@@ -100,3 +100,33 @@ def test_rejects_bad_arguments():
         vocab_parallel_logprobs(logits, targets, temperature=0.0)
     with pytest.raises(ValueError):
         vocab_parallel_logprobs(logits, targets, backend="nope")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_token_logprobs_grads_all_paths(dtype, inplace, chunk):
+    """Masked rows make chunks that are contiguous (views) or not (gathered); bf16 writes via copy."""
+    b, t, v = 4, 10, 70
+    g = torch.Generator().manual_seed(4)
+    base = (torch.randn(b, t, v, generator=g) * 3).to(dtype)
+    ids = torch.randint(0, 64, (b, t), generator=g)
+    mask = torch.zeros(b, t)
+    for i in range(b):
+        mask[i, 2 + i : 2 + i + 3 + i] = 1
+    w_lp, w_ent = torch.randn(b, t, generator=g), torch.randn(b, t, generator=g)
+
+    ref_leaf = base.float().clone().requires_grad_()
+    x = ref_leaf / 0.9
+    ls = torch.log_softmax(x[:, :-1, :64], -1)
+    ref_lp = torch.cat([torch.zeros(b, 1), ls.gather(-1, ids[:, 1:, None]).squeeze(-1)], 1) * mask
+    ref_ent = torch.cat([torch.zeros(b, 1), -(ls.exp() * ls).sum(-1)], 1) * mask
+    ((ref_lp * w_lp).sum() + (ref_ent * w_ent).sum()).backward()
+
+    leaf = base.clone().requires_grad_()
+    lp, ent = token_logprobs(leaf * 1, ids, mask, temperature=0.9, vocab_size=64, chunk_size=chunk,
+                             with_entropy=True, inplace_backward=inplace)
+    assert (lp - ref_lp).abs().max() <= 1e-5 and (ent - ref_ent).abs().max() <= 1e-5
+    ((lp * w_lp).sum() + (ent * w_ent).sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the gradient itself is stored in bf16
+    assert (leaf.grad.float() - ref_leaf.grad).abs().max() <= tol

@@ -72,28 +72,78 @@ def _tp_info(tp_group):
     return tp_group, world, dist.get_rank(group=tp_group)
 
 
+def _chunk_plan(rows_cpu, m_rows, chunk):
+    """[(s, e, slice or None)]: output positions s..e and, when their logits rows are contiguous,
+    the slice of rows (a view, no copy); otherwise None (the rows are gathered, a chunk-sized copy)."""
+    plan = []
+    for s in range(0, m_rows, chunk):
+        e = min(s + chunk, m_rows)
+        if rows_cpu is None:
+            plan.append((s, e, slice(s, e)))
+            continue
+        a, b = int(rows_cpu[s]), int(rows_cpu[e - 1])
+        plan.append((s, e, slice(a, b + 1) if b - a + 1 == e - s else None))
+    return plan
+
+
+def _chunk_input(logits, rows, s, e, sl, valid, temperature):
+    """fp32 ``logits / T`` of one chunk over the valid (non-padding) columns. Read-only: it may be a
+    view of the logits (fp32, T = 1, contiguous rows); conversions and divisions make copies."""
+    x = logits[sl, :valid] if sl is not None else logits.index_select(0, rows[s:e])[:, :valid]
+    if x.dtype != torch.float32:
+        x = x.float()
+        return x.div_(temperature) if temperature != 1.0 else x
+    return x / temperature if temperature != 1.0 else x  # division, like vLLM (not * 1/T)
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
-    """logits [N, Vl] (local shard) -> logprobs [M] (+ entropy [M]) for rows ``rows`` [M]."""
+    """logits [N, Vl] (local shard) -> logprobs [M] (+ entropy [M]) of rows ``rows`` [M] (None = all)."""
 
     @staticmethod
     def forward(ctx, logits, rows, targets, temperature, vocab_start, valid, group, chunk, with_entropy, inplace):
-        device = logits.device
-        m_rows = rows.numel()
-        lp = torch.empty(m_rows, dtype=torch.float32, device=device)
-        lse_all = torch.empty_like(lp)
-        ent_all = torch.empty_like(lp) if with_entropy else None
-        for s in range(0, m_rows, chunk):
-            r = rows[s : s + chunk]
-            x = _chunk_input(logits, r, valid, temperature)
-            lse, tgt, neg_h = _local_stats(x, targets[s : s + chunk], vocab_start, valid, with_entropy)
-            del x
-            lse, tgt, ent = _combine_across_tp(lse, tgt, neg_h, valid, group)
-            lp[s : s + chunk] = tgt - lse
-            lse_all[s : s + chunk] = lse
-            if with_entropy:
-                ent_all[s : s + chunk] = ent
-        ctx.save_for_backward(logits, rows, targets, lse_all, ent_all)
-        ctx.cfg = (temperature, vocab_start, valid, chunk, inplace)
+        ctx.set_materialize_grads(False)  # an unused output (e.g. entropy as a metric) costs nothing
+        m_rows = targets.numel()
+        rows_cpu = None if rows is None else rows.cpu()
+        plan = _chunk_plan(rows_cpu, m_rows, chunk)
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        lp = torch.empty(m_rows, **f32)
+        need_lse = group is not None or with_entropy
+        lse_l_all = torch.empty(m_rows, **f32) if group is not None else None  # this rank's log-partition
+        lse_all = torch.empty(m_rows, **f32) if need_lse else None  # global log-partition
+        ent_all = torch.empty(m_rows, **f32) if with_entropy else None
+        for s, e, sl in plan:
+            t = targets[s:e] - vocab_start
+            own = (t >= 0) & (t < valid)
+            tc = t.clamp(0, max(valid - 1, 0))[:, None]
+            if valid == 0:  # this rank holds only padding rows of the vocabulary
+                z = torch.zeros(e - s, **f32)
+                lse_l, lp_l, tgt, neg_h = torch.full_like(z, float("-inf")), z, z, (z if with_entropy else None)
+            else:
+                x = _chunk_input(logits, rows, s, e, sl, valid, temperature)
+                ls = torch.log_softmax(x, dim=-1)  # fused; the only [c, V/TP] buffer of the forward
+                lp_l = ls.gather(1, tc).squeeze(1)
+                lse_l = neg_h = None
+                if need_lse:
+                    mx, arg = x.max(dim=-1)
+                    lse_l = mx - ls.gather(1, arg[:, None]).squeeze(1)  # max + log(sum exp(x - max))
+                if with_entropy:
+                    neg_h = torch.exp(ls).mul_(ls).sum(-1)  # sum p log p over this rank's columns
+                tgt = torch.where(own, x.gather(1, tc).squeeze(1), torch.zeros_like(lp_l))
+                del x, ls
+            if group is None:
+                lp[s:e] = lp_l
+                if need_lse:
+                    lse_all[s:e] = lse_l
+                if with_entropy:
+                    ent_all[s:e] = -neg_h
+            else:
+                lse_g, tgt_g, ent = _combine_across_tp(lse_l, tgt, neg_h, valid, group)
+                lp[s:e] = tgt_g - lse_g
+                lse_l_all[s:e], lse_all[s:e] = lse_l, lse_g
+                if with_entropy:
+                    ent_all[s:e] = ent
+        ctx.save_for_backward(logits, rows, targets, lse_l_all, lse_all, ent_all)
+        ctx.cfg = (temperature, vocab_start, valid, inplace, plan)
         if with_entropy:
             return lp, ent_all.clone()
         return lp
@@ -101,74 +151,63 @@ class _ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_lp, grad_ent=None):
-        logits, rows, targets, lse_all, ent_all = ctx.saved_tensors
-        temperature, vocab_start, valid, chunk, inplace = ctx.cfg
+        logits, rows, targets, lse_l_all, lse_all, ent_all = ctx.saved_tensors
+        temperature, vocab_start, valid, inplace, plan = ctx.cfg
         n, vl = logits.shape
+        if grad_lp is None and grad_ent is None:
+            return (torch.zeros_like(logits),) + (None,) * 9
         if inplace:
             # The logits are dead after this backward (documented contract): reuse their storage.
             out = logits.detach()
-            if rows.numel() < n:
+            if rows is not None and rows.numel() < n:
                 untouched = torch.ones(n, dtype=torch.bool, device=out.device)
                 untouched[rows] = False
                 out[untouched] = 0
         else:
             out = torch.zeros_like(logits)
-        if grad_lp is None:
-            grad_lp = torch.zeros_like(lse_all)
-        use_ent = grad_ent is not None and ent_all is not None
-        for s in range(0, rows.numel(), chunk):
-            r = rows[s : s + chunk]
-            x = _chunk_input(logits, r, valid, temperature)
-            g = grad_lp[s : s + chunk].float()
-            # y = global log-softmax (all TP ranks), from the saved log-partition; p = softmax.
-            y = x.sub_(lse_all[s : s + chunk, None])
-            p = torch.exp(y)
-            if use_ent:
-                # d(lp)/dx = onehot - p ;  d(H)/dx = -p * (x - E_p[x]) = -p * (y + H)
-                coef = y.add_(ent_all[s : s + chunk, None]).mul_(grad_ent[s : s + chunk, None].float())
-                grad = p.mul_(coef.add_(g[:, None])).neg_()
-            else:
-                grad = p.mul_(g[:, None]).neg_()
-            del x, y
-            t = targets[s : s + chunk] - vocab_start
+        f32 = dict(dtype=torch.float32, device=logits.device)
+        for s, e, sl in plan:
+            out_rows = out[sl] if sl is not None else None
+            if valid == 0:  # pad-only shard: zero gradient (also over reused in-place storage)
+                if out_rows is not None:
+                    out_rows.zero_()
+                else:
+                    out.index_fill_(0, rows[s:e], 0)
+                continue
+            g = grad_lp[s:e].float() if grad_lp is not None else torch.zeros(e - s, **f32)
+            t = targets[s:e] - vocab_start
             own = (t >= 0) & (t < valid)
-            if valid > 0:
-                grad.scatter_add_(1, t.clamp(0, valid - 1)[:, None], torch.where(own, g, torch.zeros_like(g))[:, None])
-            if temperature != 1.0:
-                grad.div_(temperature)
-            out[r, :valid] = grad.to(out.dtype)
-            if valid < vl:
-                out[r, valid:] = 0
-            del grad, p
-        return out, None, None, None, None, None, None, None, None, None
-
-
-def _chunk_input(logits, r, valid, temperature):
-    """fp32 tempered logits of rows ``r`` over the valid (non-padding) local columns: a fresh copy."""
-    x = logits[r, :valid]  # advanced indexing: a copy of c rows only
-    x = x.float() if x.dtype != torch.float32 else x
-    if temperature != 1.0:
-        x = x.div_(temperature)  # division, like vLLM (not a multiply by 1/T)
-    return x
-
-
-def _local_stats(x, t_global, vocab_start, valid, with_entropy):
-    """Per-token local log-sum-exp, target logit (0 if another rank owns it) and, for the entropy,
-    ``sum p_local * log p_local`` (minus the local entropy: small numbers, no cancellation)."""
-    c = x.shape[0]
-    if valid == 0:  # this rank holds only padding rows of the vocabulary
-        z = torch.zeros(c, dtype=torch.float32, device=x.device)
-        return torch.full_like(z, float("-inf")), z, (z if with_entropy else None)
-    lse = torch.logsumexp(x, dim=-1)
-    t = t_global - vocab_start
-    own = (t >= 0) & (t < valid)
-    tgt = x.gather(1, t.clamp(0, valid - 1)[:, None]).squeeze(1)
-    tgt = torch.where(own, tgt, torch.zeros_like(tgt))
-    neg_h = None
-    if with_entropy:
-        y = x.sub_(lse[:, None])  # x is a fresh copy and the target logit is already read
-        neg_h = torch.exp(y).mul_(y).sum(-1)
-    return lse, tgt, neg_h
+            tc = t.clamp(0, valid - 1)[:, None]
+            x = _chunk_input(logits, rows, s, e, sl, valid, temperature)
+            # p_global = softmax_local(x) * exp(lse_local - lse_global): the scale goes into a per-row coef
+            p = torch.softmax(x, dim=-1)
+            coef = -g / temperature
+            if grad_ent is not None:
+                # d(lp)/dx = onehot - p ;  d(H)/dx = -p * (x - E_p[x]) = -p * (y + H), y = log p
+                y = torch.sub(x, lse_all[s:e, None])
+                y.add_(ent_all[s:e, None]).mul_(grad_ent[s:e, None].float()).add_(g[:, None])
+                p.mul_(y)
+                del y
+                coef = torch.full_like(g, -1.0 / temperature)
+            del x
+            if lse_l_all is not None:
+                coef = coef * torch.exp(lse_l_all[s:e] - lse_all[s:e])
+            onehot = torch.where(own, g / temperature, torch.zeros_like(g))[:, None]
+            if out_rows is not None and out.dtype == torch.float32:
+                dst = out_rows[:, :valid]  # may alias x's storage (in-place): x is no longer needed
+                torch.mul(p, coef[:, None], out=dst)
+                dst.scatter_add_(1, tc, onehot)
+            else:
+                p.mul_(coef[:, None]).scatter_add_(1, tc, onehot)
+                if out_rows is not None:
+                    out_rows[:, :valid].copy_(p)
+                else:
+                    full = p if valid == vl else torch.nn.functional.pad(p, (0, vl - valid))
+                    out.index_copy_(0, rows[s:e], full.to(out.dtype))
+            if out_rows is not None and valid < vl:
+                out_rows[:, valid:] = 0
+            del p
+        return (out,) + (None,) * 9
 
 
 def _combine_across_tp(lse, tgt, neg_h, valid, group):
@@ -250,18 +289,18 @@ def vocab_parallel_logprobs(
     if not 0 < vocab_size <= full:
         raise ValueError(f"vocab_size={vocab_size} must be in (0, {full}] (= V/TP x TP)")
     valid = max(0, min(vl, vocab_size - vocab_start))
-    if rows is None:
-        rows = torch.arange(logits.shape[0], device=logits.device)
-    rows = rows.to(device=logits.device, dtype=torch.long)
+    if rows is not None:
+        rows = rows.to(device=logits.device, dtype=torch.long)
     targets = targets.to(device=logits.device, dtype=torch.long)
-    if targets.shape != rows.shape:
-        raise ValueError(f"targets {tuple(targets.shape)} must match rows {tuple(rows.shape)}")
+    n_out = logits.shape[0] if rows is None else rows.numel()
+    if targets.dim() != 1 or targets.numel() != n_out:
+        raise ValueError(f"targets {tuple(targets.shape)} must be [{n_out}] (one per selected row)")
 
     use_te = backend == "te" or (backend == "auto" and not with_entropy and detect().transformer_engine)
     if use_te:
         if with_entropy:
             raise ValueError("backend='te' has no entropy; use backend='chunked'")
-        sel = logits if rows.numel() == logits.shape[0] else logits[rows]
+        sel = logits if rows is None else logits[rows]
         return _te_logprobs(sel, targets, temperature, vocab_start, valid, group)
     chunk = int(chunk_size) if chunk_size else default_chunk_size(valid)
     if chunk <= 0:
