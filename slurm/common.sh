@@ -31,6 +31,10 @@ grpo_defaults() {  # NODES / GPUS_PER_NODE: grpo_allocation_shape
             PYTHON=python
         fi
     fi
+    # Python on the submit host for the launch plan (slurm/plan.py): needs this package's config deps.
+    if [[ -z ${PLAN_PYTHON:-} ]]; then
+        if [[ -x $REPO_DIR/.venv/bin/python ]]; then PLAN_PYTHON=$REPO_DIR/.venv/bin/python; else PLAN_PYTHON=python3; fi
+    fi
     # The command every rank runs; the config and overrides are appended. Tests swap in a payload.
     : "${TRAIN_CMD:=$PYTHON -m megatron_grpo.cli train}"
     export PYTHON TRAIN_CMD
@@ -176,7 +180,7 @@ GRPO_EXTRA_OVERRIDES=()  # set by a script before grpo_train_args (e.g. rollout.
 grpo_plan() {
     local hosts
     hosts=$(IFS=,; echo "${GRPO_HOSTS[*]}")
-    "$PYTHON" "$REPO_DIR/slurm/plan.py" --config "$CONFIG" --nodes "$1" --gpus-per-node "$GPUS_PER_NODE" \
+    "$PLAN_PYTHON" "$REPO_DIR/slurm/plan.py" --config "$CONFIG" --nodes "$1" --gpus-per-node "$GPUS_PER_NODE" \
         --hosts "$hosts" --rollout-nodes "${2:-0}" "${@:3}" "${GRPO_OVERRIDES[@]}"
 }
 

@@ -17,7 +17,7 @@ With ``--rollout-nodes K`` (disaggregated placement) the first K nodes run the v
 the remaining nodes the training world; each world numbers its ranks from 0.
 
 ``--check`` prints only the summary line (used by submit.sh); exit status 2 with one ``error:`` line
-when the config or the split is invalid.
+when the config or the split is invalid, 3 when this Python cannot load the project's config code.
 """
 from __future__ import annotations
 
@@ -70,7 +70,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` is not an error
 
-    from megatron_grpo.config import ConfigError, load_config
+    try:
+        from megatron_grpo.config import ConfigError, load_config
+    except ImportError as e:  # e.g. a login node without the project's Python environment
+        print(f"plan unavailable: cannot import megatron_grpo.config with {sys.executable} ({e})", file=sys.stderr)
+        return 3
 
     try:
         if a.nodes < 1 or a.gpus_per_node < 1:

@@ -30,6 +30,8 @@ while (($#)); do
         --script) script=$2; shift ;;
         --script=*) script=${1#--script=} ;;
         -h | --help) usage; exit 0 ;;
+        --nodes=*) NODES=${1#--nodes=} ;;                 # same as NODES=..., kept in one place
+        --gpus-per-node=*) GPUS_PER_NODE=${1#--gpus-per-node=} ;;
         --) shift; overrides=("$@"); break ;;
         *) extra+=("$1") ;;
     esac
@@ -64,9 +66,13 @@ if [[ ${PLAN_CHECK:-1} != 0 && $dry == 0 ]]; then
     fi
     read -r -a user <<<"$OVERRIDES"
     [[ -n $OUTPUT_DIR ]] && plan_overrides+=("trainer.output_dir=$OUTPUT_DIR")
-    if ! (cd "$REPO_DIR" && "$PYTHON" "$REPO_DIR/slurm/plan.py" --check --config "$CONFIG" --nodes "$NODES" \
+    plan_rc=0
+    (cd "$REPO_DIR" && "$PLAN_PYTHON" "$REPO_DIR/slurm/plan.py" --check --config "$CONFIG" --nodes "$NODES" \
         --gpus-per-node "$GPUS_PER_NODE" --rollout-nodes "$rollout" "${plan_overrides[@]}" "${user[@]}" \
-        "${overrides[@]}") >&2; then  # stdout stays sbatch's (--parsable)
+        "${overrides[@]}") >&2 || plan_rc=$?  # stdout stays sbatch's (--parsable)
+    if ((plan_rc == 3)); then
+        grpo_log "warning: launch plan not checked ($PLAN_PYTHON cannot load the config; set PLAN_PYTHON)"
+    elif ((plan_rc != 0)); then
         echo "error: launch plan check failed (PLAN_CHECK=0 skips it); nothing submitted" >&2
         exit 2
     fi
