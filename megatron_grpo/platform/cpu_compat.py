@@ -115,6 +115,7 @@ def enable_cpu_compat() -> bool:
 
         # Expected without CUDA (they need it); megatron-core warns about each at import.
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", message="Apex is not installed")
         _patch_cuda_namespace()
         _patch_megatron_rng()
         _MODE = _CudaToCpuMode()

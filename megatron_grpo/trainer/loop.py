@@ -1,0 +1,349 @@
+"""The GRPO loop, top to bottom: prompts -> rollout -> rewards -> advantages -> logprobs -> update -> sync.
+
+Every rank runs this function (torchrun / srun). Rollout results and rewards are identical on every
+rank; each data-parallel rank then trains on its contiguous share of the batch.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_grpo.algorithms import group_advantages, kl_in_reward, sequence_kl
+from megatron_grpo.trainer import batching
+from megatron_grpo.trainer.checkpoint import CheckpointWriter, PreemptionFlag, resolve_resume
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[megatron-grpo] {msg}", flush=True)
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (signals may reach ranks at different times)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def run_training(cfg: DictConfig) -> int:
+    from transformers import AutoTokenizer
+
+    from megatron_grpo.config import save_config, validate
+    from megatron_grpo.data.sampler import ResumablePromptSampler
+    from megatron_grpo.distributed.init import destroy_distributed, init_distributed
+    from megatron_grpo.trainer import components as C
+    from megatron_grpo.trainer.assets import prepare_assets
+    from megatron_grpo.trainer.metrics_log import MetricsLogger
+    from megatron_grpo.trainer.scoring import BatchScorer
+    from megatron_grpo.trainer.state import load_training_state
+
+    # ---- inputs, before any process group: bad input fails in seconds ------------------------------
+    validate(cfg)
+    prepare_assets(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    data = C.load_prompt_data(cfg, tokenizer)
+    num_steps = C.total_steps(cfg, len(data.train))
+    out_dir = Path(cfg.trainer.output_dir)
+    writer = CheckpointWriter(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    resume_dir = resolve_resume(writer.root, cfg.checkpoint.resume)
+
+    # ---- components -----------------------------------------------------------------------------------
+    layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed,
+                              timeout_s=cfg.parallel.timeout_s)
+    rank0 = layout.rank == 0
+    if rank0:
+        save_config(cfg, out_dir)
+    preempt = PreemptionFlag()
+    policy = C.build_policy_stack(cfg, num_steps=num_steps)
+    engine = C.build_engine(cfg, max_model_len=C.max_model_len(cfg))
+    from megatron_grpo.bridge.sync import WeightBridge
+
+    bridge = WeightBridge(policy.chunks, engine, policy.info, bucket_mb=cfg.rollout.sync_bucket_mb)
+    scorer = BatchScorer(cfg)
+    sampler = ResumablePromptSampler(len(data.train), global_batch_size=cfg.algorithm.num_prompts_per_step,
+                                     seed=cfg.data.seed)
+    start_step, weight_version = 0, 0
+    if resume_dir is not None:
+        state = load_training_state(resume_dir, model_chunks=policy.chunks, optimizer=policy.optimizer,
+                                    scheduler=policy.scheduler)
+        start_step, weight_version = state["step"], state["weight_version"]
+        sampler.load_state_dict(state["sampler"])
+        policy.train_step.skipped_steps = state.get("skipped_steps", 0)
+        _log(f"resumed from {resume_dir} at step {start_step}")
+    bridge.sync(version=weight_version)  # vLLM starts from the policy's (possibly resumed) weights
+    logger = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
+                           config=OmegaConf.to_container(cfg), resume_step=start_step) if rank0 else None
+    _log(f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp}; {len(data.train)} train prompts; "
+         f"steps {start_step + 1}..{num_steps}")
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    step = start_step
+    exit_code = 0
+    try:
+        while step < num_steps:
+            step += 1
+            metrics = grpo_step(cfg, step=step, data=data, sampler=sampler, engine=engine, scorer=scorer,
+                                policy=policy, bridge=bridge, layout=layout, tokenizer=tokenizer, logger=logger)
+            if cfg.trainer.eval_steps and (step % cfg.trainer.eval_steps == 0 or step == num_steps):
+                metrics.update(run_eval(cfg, step=step, data=data, engine=engine, scorer=scorer))
+            if rank0:
+                logger.log(step, metrics)
+                _log(progress_line(step, num_steps, metrics))
+            stop = _agree(preempt.set)
+            if stop or step == num_steps or (cfg.checkpoint.save_steps and step % cfg.checkpoint.save_steps == 0):
+                save(cfg, writer, step, policy=policy, sampler=sampler, version=bridge.version, layout=layout)
+            if stop:
+                _log(f"preemption signal {preempt.received}: checkpoint of step {step} saved; exiting")
+                break
+        if step == num_steps and cfg.trainer.export_at_end:
+            export(cfg, policy=policy, out_dir=out_dir / "export_hf", step=step, logger_dir=out_dir)
+    finally:
+        if logger is not None:
+            logger.close()
+        scorer.close()
+        preempt.restore()
+        engine.shutdown()
+        destroy_distributed()
+    return exit_code
+
+
+def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layout, tokenizer, logger) -> dict:
+    """One GRPO step on every rank; returns this step's metrics (identical on every rank)."""
+    from megatron_grpo.models.logprobs import compute_logprobs
+    from megatron_grpo.training.batch import GRPOBatch
+
+    a, G = cfg.algorithm, cfg.rollout.num_generations
+    timer = PhaseTimer()
+    # 1. prompts -> G completions each (same batch on every rank)
+    with timer("rollout"):
+        rollout, result, extra = sample_informative_batch(cfg, step=step, data=data, sampler=sampler, engine=engine,
+                                                          scorer=scorer, G=G)
+    engine.sleep()  # CUDA: free the engine's memory for training (no-op on CPU)
+    rewards = torch.tensor(result.total, dtype=torch.float32)
+    tensors = batching.rollout_to_tensors(rollout, pad_id=tokenizer.pad_token_id)
+    mask = batching.loss_mask(tensors, excluded=result.excluded, overlong_filtering=a.overlong_filtering)
+
+    # 2. logprobs of the completions under the policy that generated them, and the reference
+    lo, hi = _dp_rows(len(rollout), layout)
+    ids, shard_mask = tensors.input_ids[lo:hi], mask[lo:hi]
+    lp_kwargs = dict(micro_batch_size=a.micro_batch_size, temperature=cfg.rollout.temperature,
+                     vocab_size=policy.info.vocab_size)
+    with timer("logprobs"):
+        old_lp = compute_logprobs(policy.chunks, ids, shard_mask, **lp_kwargs)
+        ref_lp = policy.reference.logprobs(ids, shard_mask, **lp_kwargs)
+    if step == 1 and cfg.trainer.logprob_check_at_start:
+        check_rollout_parity(cfg, old_lp, tensors.rollout_logprobs[lo:hi], shard_mask)
+
+    # 3. advantages over whole groups (KL folded into the reward when configured)
+    if a.kl_in_reward and ref_lp is not None:
+        seq_kl = _gather_rows(sequence_kl(old_lp, ref_lp, shard_mask, kind=a.kl_kind, clamp=a.kl_clamp), layout)
+        rewards = kl_in_reward(rewards, seq_kl, a.kl_coef)
+    advantages = group_advantages(rewards, G, scale=a.adv_scale, leave_one_out=a.leave_one_out)
+
+    # 4. policy updates: update_epochs passes x mini_batches optimizer steps over this rank's share
+    batch = GRPOBatch(input_ids=ids, completion_mask=shard_mask, advantages=advantages[lo:hi], old_logprobs=old_lp,
+                      ref_logprobs=ref_lp, rollout_logprobs=tensors.rollout_logprobs[lo:hi])
+    with timer("train"):
+        updates = [policy.train_step(mb) for _ in range(a.update_epochs) for mb in _split(batch, a.mini_batches)]
+    # 5. weight sync into vLLM
+    with timer("sync"):
+        bridge.sync()
+
+    m = summarize_step(rollout, result, rewards, advantages, tensors, updates, timer, extra, scorer)
+    if logger is not None and cfg.trainer.samples_every and step % cfg.trainer.samples_every in (0, 1):
+        logger.log_samples(step, [{"prompt": tokenizer.decode(rollout.prompt_token_ids[i]),
+                                   "completion": rollout.completion_texts[i], "reward": result.total[i]}
+                                  for i in range(min(len(rollout), 2 * G))])
+    return m
+
+
+def sample_informative_batch(cfg, *, step, data, sampler, engine, scorer, G):
+    """Generate and score; with dynamic sampling (DAPO) drop zero-variance groups and refill."""
+    from megatron_grpo.trainer.components import sampling_config
+
+    wanted, tries, kept, results, dropped = cfg.algorithm.num_prompts_per_step, 0, [], [], 0
+    sampling = sampling_config(cfg, n=G)
+    while True:
+        tries += 1
+        idx = sampler.next_global_batch()
+        rows = data.train.select(idx)
+        rollout = engine.generate(list(rows["prompt_ids"]), sampling,
+                                  seed=cfg.trainer.seed * 1_000_003 + step * 101 + tries)
+        sols = [s for s in rows["solution"] for _ in range(G)]
+        result = scorer(rollout.completion_texts, solutions=sols, completion_ids=rollout.completion_token_ids,
+                        group_ids=[i // G for i in range(len(rollout))])
+        if not cfg.algorithm.dynamic_sampling:
+            return rollout, result, {}
+        groups = batching.informative_groups(torch.tensor(result.total), G)
+        dropped += rollout.num_prompts - len(groups)
+        kept.append(batching.select_groups(rollout, groups))
+        results.append((result, groups))
+        if sum(b.num_prompts for b in kept) >= wanted or tries >= cfg.algorithm.dynamic_sampling_max_batches:
+            break
+    merged = _merge_kept(kept, results, G, wanted)
+    return merged[0], merged[1], {"dynamic_sampling/batches": tries, "dynamic_sampling/dropped_groups": dropped}
+
+
+def _merge_kept(kept, results, G, wanted):
+    from megatron_grpo.rewards import RewardBatchResult
+    from megatron_grpo.rollout.types import RolloutBatch
+
+    nonempty = [b for b in kept if len(b)]
+    if not nonempty:  # nothing informative at all: train on the last batch (zero advantages, no update signal)
+        return kept[-1] if len(kept[-1]) else None, results[-1][0]
+    total, excluded, rewards = [], [], {}
+    for result, groups in results:
+        keep = [i for g in groups for i in range(g * G, (g + 1) * G)]
+        total += [result.total[i] for i in keep]
+        excluded += [result.excluded[i] for i in keep]
+        for k, v in result.rewards.items():
+            rewards.setdefault(k, []).extend(v[i] for i in keep)
+    n = min(wanted, sum(b.num_prompts for b in nonempty)) * G
+    merged = RolloutBatch(group_size=G, weight_version=nonempty[0].weight_version,
+                          **{k: [x for b in nonempty for x in getattr(b, k)][:n] for k in RolloutBatch._PER_COMPLETION})
+    metrics = dict(results[-1][0].metrics)
+    return merged, RewardBatchResult(rewards={k: v[:n] for k, v in rewards.items()}, total=total[:n],
+                                     excluded=excluded[:n], metrics=metrics)
+
+
+def _dp_rows(n: int, layout) -> tuple[int, int]:
+    base, extra = divmod(n, layout.dp)
+    lo = layout.dp_rank * base + min(layout.dp_rank, extra)
+    return lo, lo + base + (1 if layout.dp_rank < extra else 0)
+
+
+def _gather_rows(local: torch.Tensor, layout) -> torch.Tensor:
+    """Concatenate per-DP-rank row blocks back into the global order (on every rank)."""
+    from megatron.core import parallel_state as ps
+
+    parts = [None] * layout.dp
+    dist.all_gather_object(parts, local.cpu(), group=ps.get_data_parallel_group())
+    return torch.cat(parts)
+
+
+def _split(batch, parts: int):
+    base, extra = divmod(batch.batch_size, parts)
+    lo = 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        yield batch.select(slice(lo, hi))
+        lo = hi
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds, self._t0 = {}, time.monotonic()
+
+    def __call__(self, name):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t = time.monotonic()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.monotonic() - self.t
+
+        return _Ctx()
+
+    def total(self) -> float:
+        return time.monotonic() - self._t0
+
+
+def summarize_step(rollout, result, rewards, advantages, tensors, updates, timer, extra, scorer) -> dict:
+    G = rollout.group_size
+    groups = rewards.view(-1, G)
+    m = {k: v for k, v in result.metrics.items() if not k.endswith("compute_seconds")}
+    m["reward/mean"] = float(rewards.mean())
+    m["reward/std"] = float(rewards.std()) if rewards.numel() > 1 else 0.0
+    m["reward/group_std_mean"] = float(groups.std(dim=1).mean())
+    m["reward/zero_std_groups"] = float(((groups.max(1).values - groups.min(1).values) == 0).sum())
+    m["advantage/mean"], m["advantage/std"] = float(advantages.mean()), float(advantages.std())
+    m["advantage/min"], m["advantage/max"] = float(advantages.min()), float(advantages.max())
+    lengths = tensors.completion_lengths.float()
+    m["completion/length_mean"], m["completion/length_max"] = float(lengths.mean()), float(lengths.max())
+    m["completion/truncated_frac"] = float(tensors.truncated.float().mean())
+    for key in sorted({k for u in updates for k in u}):
+        vals = [u[key] for u in updates if key in u]
+        m[f"train/{key}"] = vals[-1] if key in ("skipped_steps",) else sum(vals) / len(vals)
+    m["tokens"] = float(sum(len(p) for p in rollout.prompt_token_ids) + lengths.sum())
+    total = timer.total()
+    m.update({f"time/{k}": v for k, v in timer.seconds.items()})
+    m["time/step"] = total
+    m["tokens_per_second"] = m["tokens"] / total
+    m["rollout/weight_version"] = float(rollout.weight_version)
+    m.update({k: float(v) for k, v in extra.items()})
+    m.update({f"{k}_total": float(v) for k, v in scorer.counters().items()})
+    return m
+
+
+def progress_line(step: int, total: int, m: dict) -> str:
+    parts = [f"step {step}/{total}", f"reward {m['reward/mean']:.3f}"]
+    for k, v in m.items():
+        if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2 and k != "reward/total/mean":
+            parts.append(f"{k.split('/')[1]} {v:.3f}")
+    for key, label in (("train/loss", "loss"), ("train/kl_ref", "kl"), ("train/grad_norm", "gnorm"),
+                       ("eval/accuracy", "eval_acc"), ("time/step", "s")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.3g}")
+    return " | ".join(parts)
+
+
+def check_rollout_parity(cfg, old_lp, rollout_lp, mask) -> None:
+    """Step 1: the trainer's logprobs of the sampled tokens must match vLLM's (same weights)."""
+    r = cfg.rollout
+    if r.top_p < 1.0 or r.top_k > 0:
+        return  # processed logprobs include top-p/top-k renormalisation: not comparable
+    sel = mask != 0
+    err = float((old_lp[sel] - rollout_lp[sel]).abs().max()) if bool(sel.any()) else 0.0
+    t = torch.tensor([err])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    err = float(t.item())
+    _log(f"step-1 logprob parity (Megatron vs vLLM, max abs over sampled tokens): {err:.2e}")
+    if err > cfg.trainer.logprob_check_tolerance:
+        raise RuntimeError(
+            f"Megatron and vLLM logprobs differ by {err:.3e} > trainer.logprob_check_tolerance="
+            f"{cfg.trainer.logprob_check_tolerance}: the weight sync or the model mapping is wrong "
+            "(run `megatron-grpo doctor`), or raise the tolerance for bf16 runs")
+
+
+def run_eval(cfg, *, step, data, engine, scorer) -> dict:
+    from megatron_grpo.trainer.components import sampling_config
+    from megatron_grpo.trainer.evaluate import evaluate_prompts
+
+    if data.test is None:
+        return {}
+    test = data.test.select(range(min(cfg.trainer.eval_max_prompts, len(data.test))))
+    n = cfg.trainer.eval_num_generations
+    ks = tuple(k for k in (1, 2, 4, 8, 16, 32) if k <= n)
+    return evaluate_prompts(engine, list(test["prompt_ids"]), list(test["solution"]), scorer,
+                            sampling=sampling_config(cfg, n=n), seed=step, ks=ks)
+
+
+def save(cfg, writer, step, *, policy, sampler, version, layout) -> None:
+    from megatron_grpo.trainer.state import save_training_state
+
+    t = time.monotonic()
+    final = save_training_state(
+        writer, step, model_chunks=policy.chunks, optimizer=policy.optimizer, scheduler=policy.scheduler,
+        trainer_state={"sampler": sampler.state_dict(), "weight_version": version,
+                       "skipped_steps": policy.train_step.skipped_steps},
+        meta={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp})
+    _log(f"checkpoint {final} ({time.monotonic() - t:.1f}s)")
+
+
+def export(cfg, *, policy, out_dir: Path, step: int, logger_dir: Path) -> None:
+    from megatron_grpo.trainer.export import export_policy
+
+    export_policy(cfg, policy=policy, out_dir=out_dir, step=step, metrics_path=logger_dir / "metrics.jsonl")
+    _log(f"exported HF model to {out_dir}")
+
+
+if __name__ == "__main__":
+    sys.exit("use `megatron-grpo train --config ...`")

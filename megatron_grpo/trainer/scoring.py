@@ -1,0 +1,42 @@
+"""Rewards for a whole rollout batch in a distributed run: rank 0 scores, everyone receives.
+
+Scoring the full batch in one place keeps batch-relative rewards (Kimi length, per-group min/max)
+exactly as defined, and costs one broadcast of a few floats per completion. Rank 0's RewardManager
+runs its own worker pool with hard timeouts (see rewards/manager.py).
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from megatron_grpo.rewards import RewardBatchResult, RewardManager
+
+
+class BatchScorer:
+    def __init__(self, cfg: DictConfig):
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.manager = None
+        if self.rank == 0:
+            specs = []
+            for entry in cfg.rewards.functions:
+                spec = OmegaConf.to_container(entry, resolve=True)
+                spec["timeout_s"] = spec.get("timeout_s") or cfg.rewards.timeout_s
+                specs.append(spec)
+            self.manager = RewardManager(specs, num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s)
+
+    def __call__(self, texts: list[str], *, solutions: list[str], completion_ids: list[list[int]],
+                 group_ids: list[int] | None = None) -> RewardBatchResult:
+        box = [None]
+        if self.rank == 0:
+            extra = {"group_ids": group_ids} if group_ids is not None else {}
+            box[0] = self.manager(texts, solutions=solutions, completion_ids=completion_ids, **extra)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def counters(self) -> dict:
+        return dict(self.manager.counters) if self.manager is not None else {}
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
