@@ -24,7 +24,7 @@ def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def phase_a(report: dict) -> None:
+def phase_a(report: dict, model_dir: str) -> None:
     from megatron_grpo.distributed.init import init_distributed
     from megatron_grpo.models.logprobs import compute_logprobs
     from megatron_grpo.models.reference import ReferencePolicy, build_reference
@@ -32,14 +32,16 @@ def phase_a(report: dict) -> None:
                                         wrap_model_for_training)
 
     init_distributed(tp=1, pp=2)
-    ddp = wrap_model_for_training([H.build_model()])
+    model, info = H.build_model(model_dir)
+    vocab = info.vocab_size
+    ddp = wrap_model_for_training([model])
     opt = build_optimizer(ddp, lr=3e-3, min_lr=3e-4, weight_decay=0.01, clip_grad=1.0)
     sched = build_lr_scheduler(opt, schedule="cosine", warmup_steps=2, total_steps=22)
-    batch = H.fixed_batch(8)
-    lp_kw = dict(micro_batch_size=4, temperature=0.9, vocab_size=H.VOCAB)
+    batch = H.fixed_batch(vocab, 8)
+    lp_kw = dict(micro_batch_size=4, temperature=0.9, vocab_size=vocab)
 
     swap = build_reference(ddp, mode="swap", kl_coef=0.02)
-    copy = ReferencePolicy("copy", ddp, model_factory=lambda: H.build_model(seed=7))
+    copy = ReferencePolicy("copy", ddp, model_factory=lambda: H.build_model(model_dir, load=False)[0])
     assert build_reference(ddp, mode="swap", kl_coef=0.0).logprobs(batch.input_ids) is None
     old = compute_logprobs(ddp, batch.input_ids, batch.completion_mask, **lp_kw)
     ref0 = swap.logprobs(batch.input_ids, batch.completion_mask, **lp_kw)
@@ -48,7 +50,7 @@ def phase_a(report: dict) -> None:
     batch.old_logprobs = old
     batch.ref_logprobs = ref0
 
-    step = GRPOTrainStep(ddp, opt, sched, micro_batch_size=4, temperature=0.9, vocab_size=H.VOCAB,
+    step = GRPOTrainStep(ddp, opt, sched, micro_batch_size=4, temperature=0.9, vocab_size=vocab,
                          loss=dict(kl_coef=0.02, eps_low=0.2))
     hist = [step(batch) for _ in range(20)]
     losses = [h["loss"] for h in hist]
@@ -76,7 +78,7 @@ def phase_a(report: dict) -> None:
     assert report["ref_vs_policy_after"] > 1e-3
 
     # non-finite loss: nothing changes, counted, LR schedule not advanced; then training resumes
-    bad = H.fixed_batch(8)
+    bad = H.fixed_batch(vocab, 8)
     bad.old_logprobs, bad.ref_logprobs = batch.old_logprobs, batch.ref_logprobs
     bad.advantages = bad.advantages.clone()
     bad.advantages[3] = float("nan")
@@ -93,7 +95,7 @@ def phase_a(report: dict) -> None:
     assert not _same(before, _params(ddp))
 
 
-def phase_b(report: dict) -> None:
+def phase_b(report: dict, model_dir: str) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_grpo.distributed.init import current_layout, init_distributed
@@ -103,16 +105,17 @@ def phase_b(report: dict) -> None:
     init_distributed(tp=1, pp=1)
     layout = current_layout()
     assert layout.dp == 2
-    batch = H.fixed_batch(8, seed=3)
+    batch = H.fixed_batch(500, 8, seed=3)
     batch.old_logprobs = torch.zeros_like(batch.completion_mask) - 3.0
     shard = batch.shard_for_dp(layout.dp_rank, layout.dp)
     finals = {}
     for dist_opt in (False, True):
-        ddp = wrap_model_for_training([H.build_model()], use_distributed_optimizer=dist_opt)
+        model, info = H.build_model(model_dir)
+        ddp = wrap_model_for_training([model], use_distributed_optimizer=dist_opt)
         opt = build_optimizer(ddp, lr=1e-3, clip_grad=1.0, use_distributed_optimizer=dist_opt)
         subs = getattr(opt, "chained_optimizers", [opt])
         assert any(type(o).__name__ == "DistributedOptimizer" for o in subs) == dist_opt, [type(o) for o in subs]
-        step = GRPOTrainStep(ddp, opt, micro_batch_size=2, vocab_size=H.VOCAB)
+        step = GRPOTrainStep(ddp, opt, micro_batch_size=2, vocab_size=info.vocab_size)
         for _ in range(3):
             assert step(shard)["skipped"] == 0.0
         bad = shard.select(slice(None))
@@ -126,11 +129,11 @@ def phase_b(report: dict) -> None:
     assert report["dist_opt_vs_plain"] <= 1e-6, report["dist_opt_vs_plain"]
 
 
-def training_loop() -> dict:
+def training_loop(model_dir: str) -> dict:
     from megatron_grpo.distributed.init import destroy_distributed
 
     report: dict = {}
-    phase_a(report)
-    phase_b(report)
+    phase_a(report, model_dir)
+    phase_b(report, model_dir)
     destroy_distributed()
     return report
