@@ -6,11 +6,18 @@ log-softmax outputs and keeps them for backward: at V = 152k and 8k tokens that 
 Here each TP rank only ever sees its own vocabulary shard ``[.., V/TP]`` and only a chunk of tokens
 at a time:
 
-* forward, per chunk of ``c`` tokens: the local log-sum-exp, the target logit (on the rank that owns
-  the target id) and, for the entropy, ``sum p*x``, combined across the TP group with one MAX and
-  one SUM all-reduce of ``[c]``-sized vectors; only ``[c]``-sized statistics are kept for backward;
-* backward recomputes ``softmax - onehot`` chunk by chunk from the saved (unconverted) logits, so
-  the graph never holds fp32 copies of the full logits. Extra peak memory is O(c x V/TP).
+* forward, per chunk of ``c`` tokens: a fused ``log_softmax`` over the local shard gives the
+  local log-partition (``max + log sum exp``, read at the arg-max, so no cancellation), the target
+  logit (on the rank that owns the id) and, for the entropy, ``sum p log p``; one MAX and one SUM
+  all-reduce of ``[c]``-sized vectors combine the ranks. Only ``[c]``-sized statistics are saved;
+* backward recomputes ``softmax`` chunk by chunk from the saved (unconverted) logits, scales it to
+  the global distribution and writes ``(onehot - p) * grad / T`` straight into the gradient.
+  With ``inplace_backward=True`` that gradient reuses the logits' own storage (the training step
+  does this: model output logits are dead after this backward).
+
+Extra peak memory is a few ``[c, V/TP]`` fp32 buffers (``c`` defaults to ~32M elements / (V/TP),
+128 MiB per buffer), plus the ``[N, V/TP]`` gradient unless it is written in place. Measured in
+``bench/logprobs.py``.
 
 Conventions (what vLLM reports with ``logprobs_mode="processed_logprobs"``):
 
@@ -237,7 +244,8 @@ def _te_logprobs(logits, targets, temperature, vocab_start, valid, group):
     """TransformerEngine's fused vocab-parallel cross entropy (no entropy). Full fp32 copy held."""
     from transformer_engine.pytorch.cross_entropy import parallel_cross_entropy
 
-    x = logits.float() / temperature if temperature != 1.0 else logits.float().clone()
+    x = logits.float()  # TE writes its gradient into its input: never hand it the logits themselves
+    x = x / temperature if temperature != 1.0 else (x.clone() if x is logits else x)
     vl = x.shape[-1]
     if valid < vl:  # padding rows of the vocabulary: out of the softmax
         col = torch.arange(vl, device=x.device)

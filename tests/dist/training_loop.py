@@ -124,6 +124,13 @@ def phase_b(report: dict, model_dir: str) -> None:
         before = _params(ddp)
         assert step(bad)["skipped"] == 1.0
         assert _same(before, _params(ddp))
+        # finite loss, but the gradient norm overflows fp32: skipped as well
+        huge = shard.select(slice(None))
+        huge.advantages = torch.full_like(huge.advantages, 1e36)
+        m = step(huge)
+        report.setdefault("huge_adv", []).append({k: m[k] for k in ("loss", "grad_norm", "skipped")})
+        assert math.isfinite(m["loss"]) and not math.isfinite(m["grad_norm"]) and m["skipped"] == 1.0, m
+        assert _same(before, _params(ddp)) and step.skipped_steps == 2
         finals[dist_opt] = before
     report["dist_opt_vs_plain"] = max(float((finals[True][k] - finals[False][k]).abs().max()) for k in finals[True])
     assert report["dist_opt_vs_plain"] <= 1e-6, report["dist_opt_vs_plain"]
