@@ -269,6 +269,16 @@ class ColocatedEngine:
         self.last_not_loaded = not_loaded
         return self.weight_version
 
+    def reload_from_path(self, weights_path: str, version: int | None = None) -> int:
+        """Load every safetensors file of ``weights_path`` (vLLM's ``reload_weights``): the slow
+        disk round trip the bridge replaces; kept as a fallback and as the benchmark baseline."""
+        self.wake_up(["weights"])
+        self.runner.rpc("mgrpo_reload_from_path", str(weights_path))
+        self.llm.reset_prefix_cache()
+        self.wake_up(["kv_cache"])
+        self.weight_version = self.weight_version + 1 if version is None else int(version)
+        return self.weight_version
+
     def checksum(self) -> float:
         return float(self.runner.rpc("mgrpo_param_checksum")[0])
 
