@@ -9,6 +9,7 @@ TRAIN_CMD below to the default (`python -m megatron_grpo.cli train`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def cluster():
     state = Path(tempfile.mkdtemp(prefix="mgrpo-slurm-ci-", dir="/tmp"))
     t0 = time.monotonic()
     try:
-        c = slurm_cluster.up(state, nodes=2, gpus_per_node=2, cpus_per_node=4)
+        c = slurm_cluster.up(state, nodes=2, gpus_per_node=2, cpus_per_node=4, owner_pid=os.getpid())
     except slurm_cluster.ClusterError as e:
         slurm_cluster.down(state)
         pytest.fail(f"could not bring up the local Slurm cluster: {e}", pytrace=False)
@@ -116,8 +117,9 @@ def test_failed_rank_fails_the_job(cluster, tmp_path):
 def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
     """Signal the batch shell exactly as --signal=B:USR1@N does near the time limit; the ranks save and
     exit 0, the script requeues the job, and the second run resumes from that checkpoint."""
-    max_steps = 30
-    env = _job_env(cluster, tmp_path, OVERRIDES=f"trainer.max_steps={max_steps} checkpoint.save_steps=0")
+    max_steps = 40
+    env = _job_env(cluster, tmp_path, OVERRIDES=f"trainer.max_steps={max_steps} checkpoint.save_steps=0",
+                   PAYLOAD_STEP_SECONDS=0.25)
     run = tmp_path / "run"
     p = subprocess.Popen([str(REPO / "slurm" / "submit.sh"), "--wait", "--parsable"], cwd=tmp_path, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,12 +12,14 @@ What it does (Debian slurm-wlm 22.05 + munge; installs them with apt-get when mi
 * the daemons run inside a private mount namespace (``unshare --mount``) where a hosts file that maps
   the node names to 127.0.0.1 is bind-mounted over /etc/hosts: jobs see resolvable node names (the
   batch script's ``MASTER_ADDR`` is the first node's name), the rest of the machine is untouched;
-* ``AuthInfo=...,cred_expire=10``: a requeued job waits cred_expire seconds before it may start
-  again (120 s by default, too long for CI); ``MinJobAge=16``: shorter lets ``sbatch --wait``
-  report a failed job as exit 0.
+* ``AuthInfo=...,cred_expire=5`` and ``bf_interval=1``: a requeued job waits cred_expire seconds
+  (and a scheduler pass) before it may start again (120 s by default: too long for CI);
+  ``MinJobAge=16``: shorter lets ``sbatch --wait`` report a failed job as exit 0.
 
-``up`` is idempotent (a live cluster with the same layout is reused, in well under a second) and
-``down`` stops everything this module started: queued jobs are cancelled, the daemons are stopped
+``up`` is idempotent (a live cluster with the same layout is reused, in well under a second);
+with ``owner_pid`` (the test process) the supervisor shuts the cluster down by itself once that
+process is gone, even if it was SIGKILLed before its teardown ran. ``down`` stops everything this
+module started: queued jobs are cancelled, the daemons are stopped
 by their pid files, and any process left in the cluster's private mount namespace (slurmstepd, job
 tasks) is killed by pid. Nothing else on the machine is signalled.
 """
@@ -61,10 +63,11 @@ def ensure_packages(binaries=REQUIRED_BINARIES, packages=APT_PACKAGES) -> list[s
     if os.geteuid() != 0:
         raise ClusterError(f"{', '.join(missing)} not found; installing {' '.join(packages)} needs root")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    lock = ["-o", "DPkg::Lock::Timeout=180"]  # another apt/dpkg run on the machine: wait, do not fail
+    install = ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *packages]
     r = subprocess.run(install, env=env, capture_output=True, text=True)
     if r.returncode != 0:  # stale or empty package lists on a fresh machine: update once, retry
-        u = subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, text=True)
+        u = subprocess.run(["apt-get", *lock, "update", "-qq"], env=env, capture_output=True, text=True)
         r = subprocess.run(install, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             raise ClusterError(f"apt-get install {' '.join(packages)} failed (rc {r.returncode}):\n"
@@ -86,6 +89,7 @@ class Cluster:
     ctld_port: int = 0
     node_ports: dict[str, int] = field(default_factory=dict)
     mnt_ns: str = ""  # /proc/<pid>/ns/mnt link target of the daemons' private mount namespace
+    owner_pid: int = 0  # when set, the cluster stops itself once this process is gone
 
     @property
     def root(self) -> Path:
@@ -178,7 +182,7 @@ def _slurm_conf(c: Cluster) -> str:
         "AuthType=auth/munge",
         "CredType=cred/munge",
         # cred_expire also bounds how long a requeued job waits before it may run again (default 120 s)
-        f"AuthInfo=socket={c.munge_socket},cred_expire=10",
+        f"AuthInfo=socket={c.munge_socket},cred_expire=5",
         f"StateSaveLocation={r}/ctld",
         f"SlurmdSpoolDir={r}/spool/%n",
         f"SlurmctldPidFile={r}/run/slurmctld.pid",
@@ -208,7 +212,7 @@ def _slurm_conf(c: Cluster) -> str:
         "Waittime=0",
         "ReturnToService=2",
         "SlurmdTimeout=60",
-        "SchedulerParameters=sched_min_interval=0",
+        "SchedulerParameters=sched_min_interval=0,bf_interval=1",  # requeued jobs start within ~cred_expire s
     ]
     for n in c.nodes:
         lines.append(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={n} Port={c.node_ports[n]} "
@@ -247,13 +251,14 @@ def _healthy(c: Cluster) -> bool:
 
 
 def up(state_dir: Path | str = DEFAULT_STATE_DIR, nodes: int = 2, gpus_per_node: int = 2,
-       cpus_per_node: int = 4, timeout: float = 60) -> Cluster:
-    """Start (or reuse) the cluster; returns it with every node idle."""
+       cpus_per_node: int = 4, timeout: float = 60, owner_pid: int = 0) -> Cluster:
+    """Start (or reuse) the cluster; returns it with every node idle. With `owner_pid`, the cluster
+    stops itself when that process exits."""
     state_dir = Path(state_dir)
     names = [f"node{i + 1}" for i in range(nodes)]
     old = _load(state_dir)
     if old and old.nodes == names and old.gpus_per_node == gpus_per_node and old.cpus_per_node == cpus_per_node \
-            and _healthy(old):
+            and old.owner_pid == owner_pid and _healthy(old):
         return old
     if old:
         down(state_dir)
@@ -271,13 +276,18 @@ def up(state_dir: Path | str = DEFAULT_STATE_DIR, nodes: int = 2, gpus_per_node:
     for sub in ("etc", "ctld", "run", "log", "dev", "munge", *(f"spool/{n}" for n in names)):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
     ports = _free_ports(1 + nodes)
-    c = Cluster(str(state_dir), names, gpus_per_node, cpus_per_node, ports[0], dict(zip(names, ports[1:])))
+    c = Cluster(str(state_dir), names, gpus_per_node, cpus_per_node, ports[0], dict(zip(names, ports[1:])),
+                owner_pid=owner_pid)
     r = c.root
     os.chmod(r, 0o755)
 
     for n in names:  # fake GPUs: char devices (same major/minor as /dev/null)
         for i in range(gpus_per_node):
-            os.mknod(r / "dev" / f"{n}-gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))
+            try:
+                os.mknod(r / "dev" / f"{n}-gpu{i}", 0o666 | 0o020000, os.makedev(1, 3))
+            except OSError as e:
+                raise ClusterError(f"cannot create the fake GPU device files (mknod: {e}); "
+                                   "gres.conf needs character devices") from None
     c.conf.write_text(_slurm_conf(c))
     (r / "etc" / "gres.conf").write_text(_gres_conf(c))
     (r / "etc" / "plugstack.conf").write_text("")  # never load the machine's SPANK plugins (pyxis)
@@ -352,23 +362,9 @@ def _supervise(state_dir: Path) -> int:
         procs[name] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, **kw)
         (r / "run" / f"{name}.pid").write_text(f"{procs[name].pid}\n")
 
-    # munged refuses dirs others may write to; --force accepts the sticky /tmp above the state dir
-    start("munged", ["munged", "-F", "--force", f"--socket={c.munge_socket}", f"--key-file={mdir}/munge.key",
-                     f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
-                     f"--seed-file={mdir}/munged.seed"], user=munge.pw_uid, group=munge.pw_gid, extra_groups=[])
-    deadline = time.monotonic() + 20
-    while not c.munge_socket.exists() and time.monotonic() < deadline and procs["munged"].poll() is None:
-        time.sleep(0.02)
-    if not c.munge_socket.exists():
-        print(f"munged did not start (rc {procs['munged'].poll()}); see the munged lines above", file=out, flush=True)
-        procs["munged"].kill()
-        return 1
-    start("slurmctld", ["slurmctld", "-D", "-f", str(c.conf)])
-    for n in c.nodes:
-        # own UTS namespace: the node's tasks see `hostname` == its node name, as on a real cluster
-        start(f"slurmd-{n}", ["unshare", "--uts", "bash", "-c", 'hostname "$1" && exec slurmd -D -f "$2" -N "$1"',
-                              "_", n, str(c.conf)])
-    (r / "run" / "ready").write_text("1\n")
+    def log(msg: str) -> None:
+        out.write(f"supervisor: {msg}\n".encode())
+        out.flush()
 
     def reap():
         while True:
@@ -379,41 +375,56 @@ def _supervise(state_dir: Path) -> int:
             if pid == 0:
                 return
 
-    while not stop:
+    try:
+        # munged refuses dirs others may write to; --force accepts the sticky /tmp above the state dir
+        start("munged", ["munged", "-F", "--force", f"--socket={c.munge_socket}", f"--key-file={mdir}/munge.key",
+                         f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
+                         f"--seed-file={mdir}/munged.seed"], user=munge.pw_uid, group=munge.pw_gid, extra_groups=[])
+        deadline = time.monotonic() + 20
+        while not c.munge_socket.exists() and time.monotonic() < deadline and procs["munged"].poll() is None:
+            time.sleep(0.02)
+        if not c.munge_socket.exists():
+            log(f"munged did not start (rc {procs['munged'].poll()}); see the munged lines above")
+            return 1
+        start("slurmctld", ["slurmctld", "-D", "-f", str(c.conf)])
+        for n in c.nodes:
+            # own UTS namespace: the node's tasks see `hostname` == its node name, as on a real cluster
+            start(f"slurmd-{n}", ["unshare", "--uts", "bash", "-c", 'hostname "$1" && exec slurmd -D -f "$2" -N "$1"',
+                                  "_", n, str(c.conf)])
+        (r / "run" / "ready").write_text("1\n")
+        while not stop:
+            reap()
+            if c.owner_pid and not _alive(c.owner_pid):
+                log(f"owner process {c.owner_pid} is gone: shutting down")
+                break
+            time.sleep(0.2)
+        return 0
+    finally:  # whatever happened above: nothing this supervisor started outlives it
+        slurm = [p.pid for k, p in procs.items() if k != "munged"]
+        _stop_reaping(slurm, reap, timeout=10, signals=(signal.SIGTERM,))
+        me = os.getpid()
+        munged = procs["munged"].pid if "munged" in procs else None
+        rest = [p for p in _procs_in_ns(os.readlink("/proc/self/ns/mnt"), allow_own=True) if p not in (me, munged)]
+        _stop_reaping(rest + slurm, reap, timeout=5)
+        if munged:
+            _stop_reaping([munged], reap, timeout=5)
         reap()
-        time.sleep(0.2)
+        (r / "run" / "ready").unlink(missing_ok=True)
+        log("stopped")
 
-    slurm = [p.pid for k, p in procs.items() if k != "munged"]
-    for p in slurm:
-        try:
-            os.kill(p, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in slurm):
-        reap()
-        time.sleep(0.05)
-    me = os.getpid()
-    rest = [p for p in _procs_in_ns(os.readlink("/proc/self/ns/mnt"), allow_own=True)
-            if p not in (me, procs["munged"].pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in rest + slurm:
+
+def _stop_reaping(pids: list[int], reap, timeout: float, signals=(signal.SIGTERM, signal.SIGKILL)) -> None:
+    for sig in signals:
+        pids = [p for p in pids if _alive(p)]
+        for p in pids:
             try:
                 os.kill(p, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_alive(p) for p in rest + slurm):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
             reap()
             time.sleep(0.05)
-    procs["munged"].terminate()
-    try:
-        procs["munged"].wait(5)
-    except subprocess.TimeoutExpired:
-        procs["munged"].kill()
-    reap()
-    (r / "run" / "ready").unlink(missing_ok=True)
-    return 0
 
 
 def _procs_in_ns(ns: str, allow_own: bool = False) -> list[int]:
