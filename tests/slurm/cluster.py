@@ -212,7 +212,7 @@ def _slurm_conf(c: Cluster) -> str:
         "Waittime=0",
         "ReturnToService=2",
         "SlurmdTimeout=60",
-        "SchedulerParameters=sched_min_interval=0,bf_interval=1",  # requeued jobs start within ~cred_expire s
+        "SchedulerParameters=sched_interval=1,sched_min_interval=0,bf_interval=1",  # requeue restart: ~cred_expire s
     ]
     for n in c.nodes:
         lines.append(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={n} Port={c.node_ports[n]} "
