@@ -131,6 +131,11 @@ def main(argv=None) -> int:
                 except Exception:  # the trainer (store host) is gone: training is over
                     done = True
             if _agree(FLAG.set or done):
+                if store is not None and done:
+                    try:
+                        store.set("rollout_done", "1")  # the trainer may now close the store
+                    except Exception:
+                        pass
                 break
             time.sleep(step_seconds)
         dist.barrier()
@@ -182,6 +187,10 @@ def main(argv=None) -> int:
             _append(events, json.dumps({"event": "done", "step": step, "restart": restart, "t": time.time()}))
     if store is not None and rank == 0:
         store.set("train_done", "1")
+        try:  # keep the store (hosted here) up until the rollout side has seen it
+            store.wait(["rollout_done"], timedelta(seconds=10))
+        except Exception:
+            pass
     dist.destroy_process_group()
     return 0
 
