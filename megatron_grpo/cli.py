@@ -6,6 +6,7 @@ any expensive work (process groups, model builds, engine start) begins.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -25,10 +26,31 @@ def _load(args, *, check_paths: bool):
     return cfg, facts
 
 
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "SLURM_PROCID" in os.environ and "RANK" in os.environ
+
+
+def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """`megatron-grpo train --nproc-per-node N ...` on one machine = torchrun of the same command."""
+    import subprocess
+
+    from megatron_grpo.testing.torchrun import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--max-restarts=0",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_grpo.cli", *argv]
+    return subprocess.call(cmd)
+
+
 def cmd_train(args) -> int:
     cfg, _ = _load(args, check_paths=True)
     if args.print_config:
         return 0
+    if args.nproc_per_node > 1 and not _under_launcher():
+        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc-per-node")]
+        if "--nproc-per-node" in sys.argv:  # "--nproc-per-node N" form: drop the value too
+            i = sys.argv.index("--nproc-per-node")
+            argv = sys.argv[1:i] + sys.argv[i + 2:]
+        return _relaunch_with_torchrun(args.nproc_per_node, argv)
     from megatron_grpo.trainer import run_training  # imported late: heavy
 
     return run_training(cfg)
@@ -67,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-grpo", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="run GRPO training")
+    p.add_argument("--nproc-per-node", type=int, default=1,
+                   help="ranks on this machine (re-launches under torchrun); clusters use slurm/")
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -101,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
+        # Every input problem is a ValueError-family exception with a one-line message; under a launcher
+        # only rank 0 prints it (all ranks see the same input).
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
 
 

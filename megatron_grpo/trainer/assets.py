@@ -38,7 +38,7 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
 
     out = Path(cfg.data.path)
     with _locked(out):
-        if not (out / "train.jsonl").is_file():
+        if not out.exists():  # never build over (or into) anything already there
             _build_atomically(out, lambda tmp: write_synthetic_dataset(
                 tmp, n_train=cfg.data.synthetic_train, n_test=cfg.data.synthetic_test, seed=cfg.data.seed))
     return out
@@ -49,7 +49,7 @@ def ensure_tiny_model(cfg: DictConfig) -> Path:
 
     out = Path(cfg.model.path)
     with _locked(out):
-        if (out / "config.json").is_file():
+        if out.exists():  # an existing folder is used as is (validation reports what is wrong with it)
             return out
         spec = TinyModelSpec(**dict(cfg.model.tiny))
         if cfg.model.warm_start_steps <= 0:

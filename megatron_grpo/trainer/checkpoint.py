@@ -29,8 +29,8 @@ MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, incomplete, corrupt): a user-facing input error."""
 
 
 def step_dir_name(step: int) -> str:

@@ -31,8 +31,6 @@ def _agree(flag: bool) -> bool:
 
 
 def run_training(cfg: DictConfig) -> int:
-    from transformers import AutoTokenizer
-
     from megatron_grpo.config import save_config, validate
     from megatron_grpo.data.sampler import ResumablePromptSampler
     from megatron_grpo.distributed.init import destroy_distributed, init_distributed
@@ -42,12 +40,15 @@ def run_training(cfg: DictConfig) -> int:
     from megatron_grpo.trainer.scoring import BatchScorer
     from megatron_grpo.trainer.state import load_training_state
 
+    # Preemption handlers first: a USR1/TERM during the (slow) start-up must not kill the rank.
+    preempt = PreemptionFlag()
     # ---- inputs, before any process group: bad input fails in seconds ------------------------------
     validate(cfg)
     prepare_assets(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg)
     data = C.load_prompt_data(cfg, tokenizer)
     num_steps = C.total_steps(cfg, len(data.train))
+    context_len = C.max_model_len(cfg)
     out_dir = Path(cfg.trainer.output_dir)
     writer = CheckpointWriter(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     resume_dir = resolve_resume(writer.root, cfg.checkpoint.resume)
@@ -58,9 +59,8 @@ def run_training(cfg: DictConfig) -> int:
     rank0 = layout.rank == 0
     if rank0:
         save_config(cfg, out_dir)
-    preempt = PreemptionFlag()
     policy = C.build_policy_stack(cfg, num_steps=num_steps)
-    engine = C.build_engine(cfg, max_model_len=C.max_model_len(cfg))
+    engine = C.build_engine(cfg, max_model_len=context_len)
     from megatron_grpo.bridge.sync import WeightBridge
 
     bridge = WeightBridge(policy.chunks, engine, policy.info, bucket_mb=cfg.rollout.sync_bucket_mb)
@@ -111,6 +111,28 @@ def run_training(cfg: DictConfig) -> int:
         engine.shutdown()
         destroy_distributed()
     return exit_code
+
+
+def load_tokenizer(cfg):
+    """The model folder's tokenizer, checked against the model: ids beyond the embedding would crash later."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    path = Path(cfg.model.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # OSError/ValueError/... from transformers: one line naming the folder
+        raise ValueError(f"model.path: cannot load a tokenizer from {path} ({str(e).splitlines()[0][:200]})") from None
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    if len(tokenizer) > vocab:
+        raise ValueError(f"model.path: the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size "
+                         f"is {vocab}: tokenizer and model do not belong together")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"model.path: the tokenizer in {path} has no chat_template (prompts use the chat format)")
+    return tokenizer
 
 
 def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layout, tokenizer, logger) -> dict:

@@ -1,0 +1,167 @@
+"""The whole stack end to end through the CLI: learning, TP/PP layouts, exact resume, a lost rank.
+
+Each run is a real `megatron-grpo train` (vLLM rollouts, math-verify rewards, megatron-core policy,
+weight sync) on the tiny CPU config; runs are grouped so the file stays within a few minutes.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_grpo.testing.torchrun import free_port
+from tests.e2e import REPO, descendants, env, kill_tree, metrics, run_train, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Data + warm-started tiny model, made once through the trainer's own asset step."""
+    from megatron_grpo.config import load_config
+    from megatron_grpo.trainer.assets import prepare_assets
+
+    root = tmp_path_factory.mktemp("assets")
+    overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", f"trainer.output_dir={root / 'x'}"]
+    prepare_assets(load_config(REPO / "configs" / "grpo_tiny_cpu.yaml", overrides))
+    return overrides[:2]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout tail:\n{proc.stdout[-4000:]}\nstderr tail:\n{proc.stderr[-4000:]}"
+
+
+def _parity(stdout: str) -> float:
+    line = next(l for l in stdout.splitlines() if "step-1 logprob parity" in l)
+    return float(line.rsplit(":", 1)[1])
+
+
+def test_demo_learns_and_export_beats_start(tmp_path):
+    """`make demo`'s own driver: reward curve doubles, the exported model beats the start on held-out prompts."""
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [os.sys.executable, "-m", "megatron_grpo.demo", f"trainer.output_dir={out}",
+         f"model.path={tmp_path / 'model'}", f"data.path={tmp_path / 'data'}"],
+        capture_output=True, text=True, cwd=REPO, env=env(), timeout=900)
+    _ok(proc)
+    rows = metrics(out / "demo_run")
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    first = sum(r["reward/mean"] for r in rows[:10]) / 10
+    last = sum(r["reward/mean"] for r in rows[-10:]) / 10
+    assert last >= 2 * first, (first, last)
+    start = json.loads((out / "demo_run" / "eval_initial.json").read_text())
+    final = json.loads((out / "demo_run" / "eval_final.json").read_text())
+    assert final["eval/reward_mean"] > start["eval/reward_mean"], (start, final)
+    assert "demo: learned" in proc.stdout
+
+
+@pytest.mark.parametrize("tp,pp,nproc", [(1, 2, 2), (2, 2, 4)])
+def test_layouts_complete(assets, tmp_path, tp, pp, nproc):
+    out = tmp_path / "run"
+    proc = run_train(*assets, f"trainer.output_dir={out}", "trainer.max_steps=3", "trainer.eval_steps=3",
+                     "checkpoint.save_steps=0", f"parallel.tp={tp}", f"parallel.pp={pp}", nproc=nproc)
+    _ok(proc)
+    assert f"layout tp={tp} pp={pp} dp={nproc // (tp * pp)}" in proc.stdout
+    assert _parity(proc.stdout) <= 1e-3
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["train/skipped"] == 0.0 for r in rows)
+    assert "eval/accuracy" in rows[-1]
+    assert (out / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    assert (out / "export_hf" / "model.safetensors").is_file()
+
+
+COMPARED = ("reward/mean", "reward/format/mean", "reward/accuracy/mean", "train/loss", "train/grad_norm",
+            "train/clip_frac_low", "train/clip_frac_high", "completion/length_mean")
+
+
+def test_tp2_resume_after_kill9_is_bit_exact(assets, tmp_path):
+    """Kill -9 a TP=2 run at a random step; the resumed steps equal an uninterrupted run's, bit for bit."""
+    common = [*assets, "parallel.tp=2", "trainer.max_steps=6", "checkpoint.save_steps=2", "trainer.eval_steps=0",
+              "trainer.export_at_end=false"]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = run_train(*common, f"trainer.output_dir={ref_dir}", nproc=2)
+    _ok(ref)
+    assert "layout tp=2 pp=1 dp=1" in ref.stdout
+    reference = {r["step"]: r for r in metrics(ref_dir)}
+
+    kill_at = random.Random(os.environ.get("PYTEST_SEED", "0")).choice([3, 4, 5])
+    proc = subprocess.Popen(train_cmd(*common, f"trainer.output_dir={run_dir}", nproc=2), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= kill_at for r in metrics(run_dir)):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (exit {proc.returncode}) before step {kill_at}")
+        time.sleep(0.2)
+    kill_tree(proc.pid)
+    proc.wait()
+    time.sleep(1.0)  # let the kernel reap the workers before looking at what they left
+    assert not descendants(proc.pid)
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    assert saved, "no complete checkpoint before the kill"
+
+    resumed = run_train(*common, f"trainer.output_dir={run_dir}", "checkpoint.resume=auto", nproc=2)
+    _ok(resumed)
+    resumed_from = int(saved[-1].split("_")[1])
+    assert resumed_from < 6, "the run finished before it was killed"
+    assert f"at step {resumed_from}" in resumed.stdout, resumed.stdout[-2000:]
+    rows = {r["step"]: r for r in metrics(run_dir)}
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]  # entries past the checkpoint were replaced, none duplicated
+    for step in range(resumed_from + 1, 7):
+        for key in COMPARED:
+            assert rows[step][key] == reference[step][key], (step, key, rows[step][key], reference[step][key])
+
+
+def _rank_pids(root_pid: int) -> dict[int, int]:
+    """RANK -> pid of torchrun's worker processes (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid != root_pid:
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                found[int(item[5:])] = int(entry.name)
+    return found
+
+
+def test_lost_rank_ends_job_fast_naming_it(assets, tmp_path):
+    out = tmp_path / "run"
+    cmd = [os.sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_grpo.cli", "train",
+           "--config", str(REPO / "configs" / "grpo_tiny_cpu.yaml"), *assets, f"trainer.output_dir={out}",
+           "parallel.tp=2", "trainer.max_steps=1000", "checkpoint.save_steps=0", "trainer.eval_steps=0"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "training did not reach step 2"
+            time.sleep(0.2)
+        ranks = _rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        rc = proc.wait(timeout=120)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    text = log.read_text()
+    assert rc != 0 and elapsed < 120, (rc, elapsed)
+    assert "rank: 1" in text or "local_rank: 1" in text, text[-3000:]
