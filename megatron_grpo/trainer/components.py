@@ -134,12 +134,16 @@ def load_prompt_data(cfg: DictConfig, tokenizer) -> PromptData:
     return PromptData(train=train, test=test, stats={**splits.stats, **{f"train_{k}": v for k, v in tstats.items()}})
 
 
-def max_model_len(cfg: DictConfig) -> int:
+def context_length(model_dir, needed: int, *, what: str = "prompt + completion length") -> int:
+    """vLLM's max_model_len: what the run needs, checked against the model's position limit."""
     import json
 
-    needed = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-    limit = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("max_position_embeddings") or needed
+    limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings") or needed
     if needed > limit:
-        raise ValueError(f"data.max_prompt_length + rollout.max_new_tokens = {needed} exceeds the model's "
-                         f"max_position_embeddings {limit}")
+        raise ValueError(f"{what} = {needed} exceeds the model's max_position_embeddings {limit}")
     return needed
+
+
+def max_model_len(cfg: DictConfig) -> int:
+    return context_length(cfg.model.path, cfg.data.max_prompt_length + cfg.rollout.max_new_tokens,
+                          what="data.max_prompt_length + rollout.max_new_tokens")

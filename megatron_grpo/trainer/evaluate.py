@@ -40,15 +40,6 @@ def evaluate_prompts(engine, prompt_ids: list[list[int]], solutions: list[str], 
     return summary
 
 
-def max_model_len(model_dir, needed: int) -> int:
-    """vLLM's context length: what the run needs, never above the model's position limit."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    limit = int(config.get("max_position_embeddings") or needed)
-    if needed > limit:
-        raise ValueError(f"prompt + completion length {needed} exceeds the model's max_position_embeddings {limit}")
-    return needed
-
-
 def _parse_args(argv):
     p = argparse.ArgumentParser(prog="megatron-grpo eval", description="evaluate an HF model folder with vLLM")
     p.add_argument("--model", required=True, help="HF model folder")
@@ -96,10 +87,11 @@ def eval_main(argv: list[str]) -> int:
 
     from megatron_grpo.rollout.config import EngineConfig
     from megatron_grpo.rollout.engine import ColocatedEngine
+    from megatron_grpo.trainer.components import context_length
 
     longest = max(len(p) for p in dataset["prompt_ids"]) + args.max_new_tokens
     engine = ColocatedEngine(EngineConfig(model=str(model), seed=args.seed, enable_sleep_mode=False,
-                                          max_model_len=max_model_len(model, longest)))
+                                          max_model_len=context_length(model, longest)))
     sampling = SamplingConfig(n=args.num_generations, temperature=args.temperature,
                               max_tokens=args.max_new_tokens, skip_special_tokens=True)
     ks = tuple(k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.num_generations)
