@@ -31,6 +31,8 @@ import torch.distributed as dist
 
 from megatron_grpo.bridge.memory import PeakMemory
 from megatron_grpo.bridge.plan import Bucket, global_entries, local_params, make_buckets
+from megatron_grpo.bridge.shm import ShmGroup, same_host
+from megatron_grpo.bridge.slices import Slot, to_slots, vocab_slot_range
 from megatron_grpo.models import hf_mapping as hm
 from megatron_grpo.models.loader import unwrap_model
 from megatron_grpo.models.provider import ModelInfo
@@ -44,7 +46,7 @@ class SyncStats:
     version: int
     seconds: float
     buckets: int
-    bytes_loaded: int  # HF bytes handed to vLLM on this rank
+    bytes_loaded: int  # HF bytes handed to vLLM on this rank (slices: only the slice's bytes)
     peak_extra_bytes: int | None = None  # measured only with measure_memory=True
     phase_seconds: dict = field(default_factory=dict)
 
@@ -55,11 +57,13 @@ class WeightBridge:
     Construct once after the model and the engine exist (collective: every trainer rank), then call
     :meth:`sync` on every rank after each optimizer step. ``bucket_mb`` bounds the extra memory;
     ``transfer_dtype`` (e.g. ``torch.bfloat16``) casts before moving when the engine runs in a
-    lower precision than the trainer's parameters.
+    lower precision than the trainer's parameters. ``shared_memory`` (default: on for CPU tensors
+    when the ranks share a host) moves TP gathers and PP moves through /dev/shm instead of gloo.
     """
 
     def __init__(self, model_chunks, engine, info: ModelInfo | None = None, *, bucket_mb: float = 256,
-                 transfer_dtype: torch.dtype | None = None, measure_memory: bool = False):
+                 transfer_dtype: torch.dtype | None = None, measure_memory: bool = False,
+                 shared_memory: bool | None = None):
         from megatron.core import parallel_state as ps
 
         self.chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -78,7 +82,9 @@ class WeightBridge:
         self.pp_group = ps.get_pipeline_model_parallel_group()
         self.pp_ranks = dist.get_process_group_ranks(self.pp_group) if self.pp > 1 else [self.rank]
         self.params = dict(local_params(self.chunks, self.info))
-        self.buckets: list[Bucket] = make_buckets(global_entries(self.chunks, self.info), self.bucket_bytes)
+        entries = global_entries(self.chunks, self.info)
+        self.entries_by_name = {e.name: e for e in entries}
+        self.buckets: list[Bucket] = make_buckets(entries, self.bucket_bytes)
         self._meta = {}
         self.placement = getattr(engine, "placement", "colocated")
         if self.placement == "disaggregated":
@@ -90,50 +96,157 @@ class WeightBridge:
             self.driver = None
             self.active = True
             self.is_target = True
+        self.slice_kinds = self._decide_slice_mode()
+        self._tp_shm = self._pp_shm = None
+        if shared_memory is None:
+            shared_memory = self._device().type == "cpu"
+        if shared_memory:
+            self._setup_shm()
         self.version = 0
 
+    def _scaled(self, nbytes: int, dtype: str) -> int:
+        if self.transfer_dtype is None:
+            return nbytes
+        old = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        return nbytes * torch.empty((), dtype=self.transfer_dtype).element_size() // old
+
+    def _setup_shm(self) -> None:
+        """Slots sized from the plan: a bucket's TP shards / a bucket's packed HF tensors."""
+        pad = 64 * 4  # alignment slack per parameter (qkv becomes three tensors)
+        if self.tp > 1:
+            cap = max((sum(self._scaled(e.full_nbytes, e.dtype) // self.tp + pad for e in b.entries
+                           if e.kind != "replicated" and e.kind not in self.slice_kinds) for b in self.buckets),
+                      default=0)
+            if cap and same_host(self.tp_group):
+                self._tp_shm = ShmGroup(self.tp_group, cap + pad)
+        if self.pp > 1 and self.placement == "colocated":
+            cap = max(sum(self._scaled(e.full_nbytes, e.dtype) // (self.tp if e.kind in self.slice_kinds else 1) + pad
+                          for e in b.entries) for b in self.buckets)
+            if same_host(self.pp_group):
+                self._pp_shm = ShmGroup(self.pp_group, cap + pad)
+
+    def _decide_slice_mode(self) -> tuple[str, ...]:
+        """Which parameter kinds skip the TP gather (see ``slices.py``); agreed on by all ranks."""
+        kinds: tuple[str, ...] = ()
+        if (self.placement == "colocated" and self.tp > 1 and getattr(self.engine, "tp", None) == self.tp
+                and getattr(self.engine, "tp_rank", None) == self.tp_rank):
+            kinds = ("qkv", "fc1", "row")
+            # vocab: only if vLLM's padded vocab splits exactly like Megatron's on this rank
+            vocab_ok = True
+            ranges = self.engine.vocab_ranges() if hasattr(self.engine, "vocab_ranges") else {}
+            for e in self.entries_by_name.values():
+                if e.kind != "vocab" or (self.info.tie_word_embeddings and e.name == "output_layer.weight"):
+                    continue
+                hf_name = "model.embed_tokens.weight" if e.name.startswith("embedding") else "lm_head.weight"
+                want = vocab_slot_range(self.info, e.name, e.local_shape[0] * self.tp, self.tp_rank, self.tp)
+                vocab_ok &= tuple(ranges.get(hf_name, ())) == tuple(want)
+            if vocab_ok:
+                kinds += ("vocab",)
+        flags = torch.tensor([1 if k in kinds else 0 for k in ("qkv", "fc1", "row", "vocab")], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+        return tuple(k for k, f in zip(("qkv", "fc1", "row", "vocab"), flags.tolist()) if f)
+
     # -- per-bucket steps --------------------------------------------------------------------------
+    def _local_shard(self, e) -> torch.Tensor:
+        shard = self.params[e.name].detach()
+        if self.transfer_dtype is not None and shard.dtype != self.transfer_dtype:
+            shard = shard.to(self.transfer_dtype)
+        return shard
+
+    def _tp_gather_shm(self, entries) -> dict:
+        """All TP shards of ``entries`` through the shared-memory slots: one write, one cat."""
+        shm = self._tp_shm
+        shm.barrier()  # everyone finished reading the previous bucket's slots
+        tensors = [(e.name, self._local_shard(e)) for e in entries]
+        _, meta = pack_bucket(tensors, out=shm.mine())
+        if meta.nbytes > shm.capacity:
+            raise RuntimeError(f"bridge shm slot too small ({meta.nbytes} > {shm.capacity} bytes)")
+        shm.barrier()  # every rank's shards are written
+        views = [unpack_bucket(slot, meta) for slot in shm.slots]
+        return {e.name: hm.tp_gather(e.name, [views[r][j][1] for r in range(self.tp)], self.info)
+                for j, e in enumerate(entries)}
+
     @torch.no_grad()
-    def _gather_convert(self, bucket: Bucket) -> list[tuple[str, torch.Tensor]]:
-        out = []
+    def _gather_convert(self, bucket: Bucket) -> list:
+        """HF items of the bucket on this rank: ``(name, full tensor)`` or :class:`Slot`."""
         convert = self.tp_rank == 0 or self.placement == "colocated"
+        gathered = [e for e in bucket.entries if self.tp > 1 and e.kind != "replicated"
+                    and e.kind not in self.slice_kinds]
+        fulls = self._tp_gather_shm(gathered) if (gathered and self._tp_shm is not None) else {}
+        out = []
         for e in bucket.entries:
-            shard = self.params[e.name].detach()
-            if self.transfer_dtype is not None and shard.dtype != self.transfer_dtype:
-                shard = shard.to(self.transfer_dtype)
-            if self.tp > 1 and e.kind != "replicated":
+            if e.kind in self.slice_kinds:
+                out.extend(to_slots(self.info, e.name, e.kind, self._local_shard(e), self.tp_rank, self.tp))
+                continue
+            if e.name in fulls:
+                full = fulls.pop(e.name)
+            elif self.tp > 1 and e.kind != "replicated":
+                shard = self._local_shard(e)
                 shards = [torch.empty_like(shard) for _ in range(self.tp)]
                 dist.all_gather(shards, shard.contiguous(), group=self.tp_group)
                 full = hm.tp_gather(e.name, shards, self.info)
             else:
-                full = shard
+                full = self._local_shard(e)
             if convert:
                 out.extend(hm.megatron_to_hf(self.info, e.name, full))
         return out
 
-    def _pp_move_broadcast(self, bucket: Bucket, hf):
+    @staticmethod
+    def _pack(items, out=None):
+        flat = [(it.name, it.data) if isinstance(it, Slot) else it for it in items]
+        layout = [it.info() if isinstance(it, Slot) else None for it in items]
+        buf, meta = pack_bucket(flat, out=out)
+        if out is not None and meta.nbytes > out.numel():
+            raise RuntimeError(f"bridge shm slot too small ({meta.nbytes} > {out.numel()} bytes)")
+        return buf, (meta, layout)
+
+    @staticmethod
+    def _unpack(buf, meta_layout):
+        meta, layout = meta_layout
+        views = unpack_bucket(buf, meta)
+        return [(n, t) if lay is None else Slot(lay[0], lay[1], lay[2], lay[3], t) for (n, t), lay in zip(views, layout)]
+
+    @staticmethod
+    def _for_vllm(items):
+        return [(it.name, it.materialize()) if isinstance(it, Slot) else it for it in items]
+
+    def _pp_move_shm(self, bucket: Bucket, items):
+        shm, owner = self._pp_shm, self.pp_rank == bucket.stage
+        shm.barrier()  # readers of the previous bucket are done with the owner's slot
+        meta = self._pack(items, out=shm.mine())[1] if owner else self._meta.get(bucket.index)
+        if bucket.index not in self._meta:
+            obj = [meta]
+            dist.broadcast_object_list(obj, src=self.pp_ranks[bucket.stage], group=self.pp_group)
+            meta = self._meta[bucket.index] = obj[0]
+        shm.barrier()  # the owner's slot is written
+        if owner:
+            return items
+        # copy out: vLLM may keep references to a layer's weights until the layer is complete
+        return self._unpack(shm.slots[bucket.stage][: meta[0].nbytes].clone(), meta)
+
+    def _pp_move_broadcast(self, bucket: Bucket, items):
+        if self._pp_shm is not None:
+            return self._pp_move_shm(bucket, items)
         src = self.pp_ranks[bucket.stage]
-        if self.pp_rank == bucket.stage:
-            buf, meta = pack_bucket(hf)
-        else:
-            buf, meta = None, self._meta.get(bucket.index)
+        owner = self.pp_rank == bucket.stage
+        buf, meta = self._pack(items) if owner else (None, self._meta.get(bucket.index))
         if bucket.index not in self._meta:
             obj = [meta]
             dist.broadcast_object_list(obj, src=src, group=self.pp_group)
             meta = self._meta[bucket.index] = obj[0]
         if buf is None:
-            buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=self._device())
+            buf = torch.empty(meta[0].nbytes, dtype=torch.uint8, device=self._device())
         dist.broadcast(buf, src=src, group=self.pp_group)
-        return hf if self.pp_rank == bucket.stage else unpack_bucket(buf, meta)
+        return items if owner else self._unpack(buf, meta)
 
-    def _pp_move_to_driver(self, bucket: Bucket, hf):
+    def _pp_move_to_driver(self, bucket: Bucket, items):
         if self.tp_rank != 0:  # only the driver's (dp 0, tp 0) pipeline column moves data
             return None
         src = self.pp_ranks[bucket.stage]
         if src == self.driver:
-            return hf
+            return items
         if self.rank == src:
-            buf, meta = pack_bucket(hf)
+            buf, meta = self._pack(items)
             if bucket.index not in self._meta:
                 dist.send_object_list([meta], dst=self.driver)
                 self._meta[bucket.index] = meta
@@ -145,9 +258,9 @@ class WeightBridge:
                 dist.recv_object_list(obj, src=src)
                 self._meta[bucket.index] = obj[0]
             meta = self._meta[bucket.index]
-            buf = torch.empty(meta.nbytes, dtype=torch.uint8, device=self._device())
+            buf = torch.empty(meta[0].nbytes, dtype=torch.uint8, device=self._device())
             dist.recv(buf, src=src)
-            return unpack_bucket(buf, meta)
+            return self._unpack(buf, meta)
         return None
 
     def _device(self) -> torch.device:
@@ -177,8 +290,9 @@ class WeightBridge:
                               else self._pp_move_to_driver(bucket, hf))
                     t2 = time.perf_counter()
                     if self.is_target:
-                        self.engine.load_bucket(hf)
-                        nbytes += sum(t.numel() * t.element_size() for _, t in hf)
+                        # real bytes moved (a Slot carries only this rank's slice)
+                        nbytes += sum((it.data if isinstance(it, Slot) else it[1]).nbytes for it in hf)
+                        self.engine.load_bucket(self._for_vllm(hf))
                     del hf
                     t3 = time.perf_counter()
                     phases["gather_convert"] += t1 - t0

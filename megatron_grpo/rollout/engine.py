@@ -282,6 +282,10 @@ class ColocatedEngine:
     def checksum(self) -> float:
         return float(self.runner.rpc("mgrpo_param_checksum")[0])
 
+    def vocab_ranges(self) -> dict:
+        """Vocabulary rows held by this rank's worker, per vocab-parallel weight (see worker_ext)."""
+        return {k: tuple(v) for k, v in self.runner.rpc("mgrpo_vocab_ranges")[0].items()}
+
     # -- memory ------------------------------------------------------------------------------------
     def _sleep_supported(self) -> bool:
         if self.platform.cuda and self.cfg.enable_sleep_mode:

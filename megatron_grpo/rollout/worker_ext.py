@@ -113,6 +113,18 @@ class MegatronGRPOWorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             _reprocess_shared_weight_modules(self._mgrpo_model())
 
+    def mgrpo_vocab_ranges(self) -> dict:
+        """``{hf weight name: [start, end)}`` of the vocabulary rows this worker's vocab-parallel
+        layers (embedding, lm_head) hold: lets the bridge check that its TP slices line up."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+        out = {}
+        for name, module in self._mgrpo_model().named_modules():
+            if isinstance(module, VocabParallelEmbedding):
+                si = module.shard_indices
+                out[f"{name}.weight"] = [int(si.org_vocab_start_index), int(si.org_vocab_end_index)]
+        return out
+
     def mgrpo_param_checksum(self) -> float:
         """Sum of all parameters (float64): a cheap "did the weights change" probe for tests."""
         total = 0.0

@@ -88,6 +88,7 @@ def parity(models: list[str], tp: int, pp: int, rollout_tp: int, steps: int = 3,
         r["checksum_change"] = abs(engine.checksum() - c1)
         r["version"] = [stats.version, stats2.version, engine.weight_version]
         r["buckets"] = stats.buckets
+        r["slice_kinds"] = list(bridge.slice_kinds)
         r["not_loaded"] = engine.last_not_loaded
         r["sync_s"] = stats.seconds
         r["peak_extra_mb"] = stats.peak_extra_bytes / 2**20
