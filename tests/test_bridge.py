@@ -79,3 +79,25 @@ def test_disaggregated_process_group_push_and_filesystem_fallback(models, tmp_pa
             assert t["resync_change"] == 0.0 and t["version"] == 2 and t["not_loaded"] == [], (transport, t)
             assert t["reproducible"] and t["group"] == 3, (transport, t)
         assert r["fs"]["versions_on_disk"] == ["v2"]  # older versions pruned
+
+
+def test_buckets_never_split_a_module_nor_span_stages():
+    from megatron_grpo.bridge.plan import ParamEntry, make_buckets
+
+    def e(name, stage, mb):
+        return ParamEntry(name, stage, "row", (1,), "float32", int(mb * 2**20))
+
+    entries = [e("embedding.word_embeddings.weight", 0, 3),
+               e("decoder.layers.0.self_attention.linear_qkv.weight", 0, 2),
+               e("decoder.layers.0.self_attention.linear_qkv.bias", 0, 1),  # same module as the weight
+               e("decoder.layers.0.mlp.linear_fc1.weight", 0, 5),  # larger than a bucket: alone
+               e("decoder.layers.1.mlp.linear_fc2.weight", 1, 1),
+               e("decoder.final_layernorm.weight", 1, 1)]
+    buckets = make_buckets(entries, 4 * 2**20)
+    names = [b.names for b in buckets]
+    assert names == [["embedding.word_embeddings.weight"],
+                     ["decoder.layers.0.self_attention.linear_qkv.weight",
+                      "decoder.layers.0.self_attention.linear_qkv.bias"],
+                     ["decoder.layers.0.mlp.linear_fc1.weight"],
+                     ["decoder.layers.1.mlp.linear_fc2.weight", "decoder.final_layernorm.weight"]]
+    assert [b.stage for b in buckets] == [0, 0, 0, 1]
