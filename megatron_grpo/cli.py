@@ -121,16 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         args = argparse.Namespace(func=PASSTHROUGH[argv[0]], rest=argv[1:])
     else:
         args = build_parser().parse_args(argv)
-    from megatron_grpo.config import ConfigError
+    from megatron_grpo.errors import INPUT_ERRORS, report
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError) as e:
-        # Every input problem is a ValueError-family exception with a one-line message; under a launcher
-        # only rank 0 prints it (all ranks see the same input).
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    except INPUT_ERRORS as e:  # all ranks see the same input: rank 0 reports it
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -122,25 +122,9 @@ def run(args, pre=None) -> dict:
 
 def main(argv=None) -> int:
     """CLI entry (also callable in-process, e.g. inside torchrun). Returns the exit code."""
-    args = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    try:  # same checks on every rank: only rank 0 reports
-        pre = _preflight(args)
-    except (ValueError, OSError) as e:  # our errors are ValueErrors; missing paths are OSErrors
-        if rank == 0:
-            print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        run(args, pre)
-    except (ValueError, OSError) as e:  # may hit one rank only: every rank reports its own
-        print(f"error: [rank {rank}] {_one_line(e)}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    from megatron_grpo.errors import run_tool
 
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return run_tool(parse_args(argv), _preflight, run)
 
 
 if __name__ == "__main__":  # dist_checkpointing spawns processes: keep this guard

@@ -9,30 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from megatron_grpo.models.tiny import TinyModelSpec
 from megatron_grpo.prompts import SYSTEM_PROMPT
-
-
-@dataclass
-class TinyModel:
-    """Shape of a locally generated model (used when model.init == 'tiny'); see models/tiny.py."""
-
-    arch: str = "qwen2"
-    vocab_size: int = 512
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 64
-    tie_word_embeddings: bool = False
-    seed: int = 0
 
 
 @dataclass
 class ModelConfig:
     path: str = "???"  # HF model folder (config.json + safetensors + tokenizer)
     init: str = "hf"  # hf: load `path`; tiny: create a tiny random model at `path` if it is missing
-    tiny: TinyModel = field(default_factory=TinyModel)
+    tiny: TinyModelSpec = field(default_factory=TinyModelSpec)  # shape used when init == tiny
     # init=tiny only: supervised warm-start steps on the training data before GRPO (trainer/warm_start.py)
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3
