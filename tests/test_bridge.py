@@ -24,6 +24,10 @@ def models(tmp_path_factory):
         "llama_tied": str(make_tiny_model(root / "llama_tied", TinyModelSpec(arch="llama", tie_word_embeddings=True))),
         # 1 KV head: at vLLM TP=2 vLLM must replicate the KV head on both ranks
         "qwen2_kv1": str(make_tiny_model(root / "qwen2_kv1", TinyModelSpec(arch="qwen2", num_key_value_heads=1))),
+        # vocab 500: vLLM pads its embedding rows to 512, defers processing that layer to the end of
+        # the update and keeps references to the received tensors: receive buffers must not be reused
+        "qwen2_v500": str(make_tiny_model(root / "qwen2_v500", TinyModelSpec(arch="qwen2", vocab_size=500,
+                                                                              tie_word_embeddings=True))),
     }
 
 
@@ -55,12 +59,13 @@ def test_sync_parity_after_optimizer_steps(models, tp, pp, rollout_tp):
     _check(results, names, ("qkv", "fc1", "row", "vocab") if tp == rollout_tp > 1 else ())
 
 
-def test_sync_vllm_tp_larger_than_kv_heads(models):
-    """1 KV head, vLLM TP=2 (trainer PP=2 so the PP move is exercised too)."""
+def test_sync_vllm_tp_larger_than_kv_heads_and_padded_vocab(models):
+    """1 KV head at vLLM TP=2; and a vocab vLLM pads (trainer PP=2: buckets arrive by PP move)."""
+    names = ["qwen2_kv1", "qwen2_v500"]
     results = run_distributed("tests.dist.bridge_bodies:parity", 2,
-                              kwargs={"models": [models["qwen2_kv1"]], "tp": 1, "pp": 2, "rollout_tp": 2,
+                              kwargs={"models": [models[n] for n in names], "tp": 1, "pp": 2, "rollout_tp": 2,
                                       "generate": True})
-    _check(results, ["qwen2_kv1"])
+    _check(results, names)
 
 
 def test_disaggregated_process_group_push_and_filesystem_fallback(models, tmp_path):

@@ -98,6 +98,7 @@ class WeightBridge:
             self.is_target = True
         self.slice_kinds = self._decide_slice_mode()
         self._tp_shm = self._pp_shm = None
+        self._recv_buf, self._recv_used = None, False
         if shared_memory is None:
             shared_memory = self._device().type == "cpu"
         if shared_memory:
@@ -221,8 +222,21 @@ class WeightBridge:
         shm.barrier()  # the owner's slot is written
         if owner:
             return items
-        # copy out: vLLM may keep references to a layer's weights until the layer is complete
-        return self._unpack(shm.slots[bucket.stage][: meta[0].nbytes].clone(), meta)
+        # copy out of the owner's slot (it is rewritten for the next bucket) into a receive buffer
+        # that is reused while vLLM keeps no references into it (see ``_after_load``)
+        n = meta[0].nbytes
+        if self._recv_buf is None or self._recv_buf.numel() < n:
+            self._recv_buf = torch.empty(shm.capacity, dtype=torch.uint8)
+        self._recv_buf[:n].copy_(shm.slots[bucket.stage][:n])
+        self._recv_used = True
+        return self._unpack(self._recv_buf[:n], meta)
+
+    def _after_load(self) -> None:
+        """vLLM may keep references to a layer's weights until all of that layer has arrived (e.g.
+        a padded vocab row count): then the receive buffer must not be overwritten."""
+        if self._recv_used and (not hasattr(self.engine, "pending_layers") or self.engine.pending_layers()):
+            self._recv_buf = None
+        self._recv_used = False
 
     def _pp_move_broadcast(self, bucket: Bucket, items):
         if self._pp_shm is not None:
@@ -293,6 +307,7 @@ class WeightBridge:
                         # real bytes moved (a Slot carries only this rank's slice)
                         nbytes += sum((it.data if isinstance(it, Slot) else it[1]).nbytes for it in hf)
                         self.engine.load_bucket(self._for_vllm(hf))
+                        self._after_load()
                     del hf
                     t3 = time.perf_counter()
                     phases["gather_convert"] += t1 - t0

@@ -256,6 +256,10 @@ class ColocatedEngine:
             raise RuntimeError("load_bucket outside begin_weight_update/end_weight_update")
         self.runner.rpc("mgrpo_load_bucket", list(weights))
 
+    def pending_layers(self) -> int:
+        """vLLM layers still holding references to tensors passed to ``load_bucket``."""
+        return int(self.runner.rpc("mgrpo_pending_layers")[0])
+
     def end_weight_update(self, version: int | None = None) -> int:
         """Finish the session, reset the prefix cache, bump (or set) the weight version."""
         missing = self.runner.rpc("mgrpo_end_update")

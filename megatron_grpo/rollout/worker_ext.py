@@ -84,6 +84,16 @@ class MegatronGRPOWorkerExtension:
             self._mgrpo_loaded.update(loaded)
         return len(weights)
 
+    def mgrpo_pending_layers(self) -> int:
+        """Layers holding loaded-but-unprocessed weights (references to the caller's tensors).
+
+        Zero after a bucket means vLLM copied everything it was given: the caller may reuse the
+        buffers behind that bucket.
+        """
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+        return sum(1 for m in self._mgrpo_model().modules() if get_layerwise_info(m).loaded_weights)
+
     def mgrpo_end_update(self) -> list[str]:
         """Close the session; returns the vLLM parameter names that were NOT loaded (should be [])."""
         from vllm.config import set_current_vllm_config
