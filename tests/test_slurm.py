@@ -200,13 +200,6 @@ def test_usr1_checkpoints_requeues_and_resumes_real_trainer(cluster, assets, tmp
                 cluster.run("scancel", job, check=False)
     print(f"signalled after step {seen} at {t_sig - t0:.1f} s; job done after {time.monotonic() - t0:.1f} s")
     log = _log(tmp_path)
-    if p.returncode != 0 and re.search(r"steps exited with \d+ after USR1 \(no clean checkpoint exit\)", log):
-        # Known trainer bug (not in the scripts): Slurm relays the signal to EVERY process of the job step
-        # (srun -> slurmstepd -> proctrack), so the trainer's helper processes (dist_checkpointing's
-        # results-queue Manager, the reward pool's fork server/workers) die of SIGUSR1/SIGTERM's default
-        # action and the preemption save fails (`error: [Errno 111] Connection refused`). Fix: start them
-        # with SIGTERM/SIGUSR1 blocked (signal.pthread_sigmask around their creation), see slurm/README.md.
-        pytest.xfail("trainer helper processes die of the step-wide SIGUSR1: preemption save fails under Slurm")
     assert p.returncode == 0, f"{out}{err}\n{log}\n{cluster.log_tail()}"
 
     assert "batch shell got SIGUSR1" in log and f"requeueing job {job} (restart 1)" in log, log

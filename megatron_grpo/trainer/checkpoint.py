@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,19 @@ class PreemptionFlag:
     @property
     def set(self) -> bool:
         return self.received is not None
+
+    @staticmethod
+    @contextmanager
+    def children_immune():
+        """Processes started inside (spawn/forkserver helpers) keep SIGTERM/SIGUSR1 blocked for life:
+        Slurm signals every process of a job step, and a helper killed by it breaks the final save.
+        Signals that arrive meanwhile stay pending for this process and are handled when the block ends."""
+        sigs = {signal.SIGTERM, signal.SIGUSR1}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -64,7 +64,9 @@ def run_training(cfg: DictConfig) -> int:
     from megatron_grpo.bridge.sync import WeightBridge
 
     bridge = WeightBridge(policy.chunks, engine, policy.info, bucket_mb=cfg.rollout.sync_bucket_mb)
-    scorer = BatchScorer(cfg)
+    with preempt.children_immune():  # helper processes: the reward pool, dist_checkpointing's results queue
+        scorer = BatchScorer(cfg)
+        _start_checkpoint_helper()
     sampler = ResumablePromptSampler(len(data.train), global_batch_size=cfg.algorithm.num_prompts_per_step,
                                      seed=cfg.data.seed)
     start_step, weight_version = 0, 0
@@ -111,6 +113,18 @@ def run_training(cfg: DictConfig) -> int:
         engine.shutdown()
         destroy_distributed()
     return exit_code
+
+
+def _start_checkpoint_helper() -> None:
+    """dist_checkpointing's save starts a multiprocessing manager on first use; start it now, while
+    children are immune to Slurm's signals (megatron-core private API: feature-detected)."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    if callable(start):
+        start()
 
 
 def load_tokenizer(cfg):
