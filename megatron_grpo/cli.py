@@ -81,8 +81,26 @@ def cmd_eval(args) -> int:
     return eval_main(args.rest)
 
 
+CONVERTERS = {"hf-to-megatron": "convert_hf_to_megatron.py", "megatron-to-hf": "convert_megatron_to_hf.py"}
+
+
+def cmd_convert(args) -> int:
+    """`megatron-grpo convert hf-to-megatron|megatron-to-hf ARGS`: the tools/ converters (run them under
+    torchrun for TP/PP > 1)."""
+    import runpy
+    from pathlib import Path
+
+    if not args.rest or args.rest[0] not in CONVERTERS:
+        raise ValueError(f"usage: megatron-grpo convert {{{'|'.join(CONVERTERS)}}} [tool arguments]")
+    tool = Path(__file__).resolve().parents[1] / "tools" / CONVERTERS[args.rest[0]]
+    if not tool.is_file():
+        raise ValueError(f"{tool} not found: the converters ship with the repository (pip install -e .)")
+    module = runpy.run_path(str(tool), run_name="megatron_grpo_convert")
+    return module["main"](args.rest[1:])
+
+
 # Subcommands with their own argument parsers: everything after the name is handed over as is.
-PASSTHROUGH = {"eval": cmd_eval, "doctor": cmd_doctor}
+PASSTHROUGH = {"eval": cmd_eval, "doctor": cmd_doctor, "convert": cmd_convert}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion (hf-to-megatron | megatron-to-hf)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("doctor", help="Megatron vs vLLM vs HF logprob parity check", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
