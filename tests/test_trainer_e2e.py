@@ -165,3 +165,19 @@ def test_lost_rank_ends_job_fast_naming_it(assets, tmp_path):
     text = log.read_text()
     assert rc != 0 and elapsed < 120, (rc, elapsed)
     assert "rank: 1" in text or "local_rank: 1" in text, text[-3000:]
+
+
+def test_disaggregated_engine_matches_colocated(assets, tmp_path):
+    """vLLM in its own processes (weights over a process group) gives the same run as colocated vLLM."""
+    common = [*assets, "trainer.max_steps=2", "trainer.eval_steps=0", "checkpoint.save_steps=0",
+              "trainer.export_at_end=false"]
+    runs = {}
+    for placement in ("colocated", "disaggregated"):
+        out = tmp_path / placement
+        proc = run_train(*common, f"rollout.placement={placement}", f"trainer.output_dir={out}")
+        _ok(proc)
+        assert _parity(proc.stdout) <= 1e-3
+        runs[placement] = metrics(out)
+    for a, b in zip(runs["colocated"], runs["disaggregated"]):
+        for key in ("reward/mean", "train/loss", "completion/length_mean"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])

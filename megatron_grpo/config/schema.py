@@ -54,7 +54,8 @@ class RolloutConfig:
     sleep_level: int = 1  # CUDA only: vLLM sleep mode level while training
     enforce_eager: bool = True
     sync_bucket_mb: int = 256  # weight-sync bucket size
-    weights_path: Optional[str] = None  # disaggregated fallback through a shared filesystem
+    weights_path: Optional[str] = None  # disaggregated: push weights through this shared folder instead of a process group
+    devices: Optional[List[int]] = None  # disaggregated on CUDA: the driver node's GPUs the engine gets
 
 
 @dataclass

@@ -89,13 +89,23 @@ def build_engine(cfg: DictConfig, *, max_model_len: int):
         dtype="bfloat16" if cfg.model.dtype == "bfloat16" else "float32", max_model_len=max_model_len,
         seed=cfg.trainer.seed, enforce_eager=r.enforce_eager,
         kv_cache_memory_bytes=None if cuda else int(r.kv_cache_memory_mb) << 20,
-        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda, sleep_level=r.sleep_level)
+        gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda and r.placement == "colocated",
+        sleep_level=r.sleep_level)
     if r.placement == "colocated":
         from megatron_grpo.rollout.engine import ColocatedEngine
 
         return ColocatedEngine(ecfg)
-    raise ValueError("rollout.placement=disaggregated is launched by slurm/grpo_disaggregated.sh; "
-                     "the single-launch trainer runs rollout.placement=colocated")
+    import os
+
+    if os.environ.get("GRPO_ROLE") == "rollout":
+        raise ValueError("GRPO_ROLE=rollout: rollout servers on their own nodes are not implemented yet; "
+                         "run rollout.placement=disaggregated inside the training job (rollout.devices)")
+    from megatron_grpo.rollout.disaggregated import DisaggregatedEngine
+
+    # The driver rank owns vLLM in its own processes (own torch world; own GPUs on CUDA); weights go over
+    # a private process group, or through rollout.weights_path on a shared filesystem.
+    return DisaggregatedEngine(ecfg, transport="fs" if r.weights_path else "pg", weights_path=r.weights_path,
+                               devices=list(r.devices) if r.devices else None)
 
 
 def sampling_config(cfg: DictConfig, *, n: int):
