@@ -7,8 +7,9 @@ model (Megatron policy + colocated vLLM engine), perturbs the weights, and times
   steady-state per-step cost, on freshly changed weights);
 * ``floor``: copying the same bytes once: each rank copies as many bytes as it hands to vLLM,
   between two preallocated buffers, all ranks at once (they share the cores as in the sync);
-* ``naive``: the path the bridge replaces: gather the whole model as HF tensors on rank 0, write
-  an HF safetensors checkpoint to disk, then every rank's vLLM ``reload_weights(weights_path=...)``.
+* ``naive``: the path the bridge replaces: gather the whole model as HF tensors on rank 0 with
+  plain torch.distributed collectives (gloo here), write an HF safetensors checkpoint to disk, then
+  every rank's vLLM ``reload_weights(weights_path=...)``.
 
 Prints a table with ratios; targets: (1,1,1) sync <= 3x floor; every layout >= 5x faster than naive.
 Peak extra memory of the sync (RSS sampling, see ``bridge/memory.py``) is reported per layout.
@@ -77,11 +78,13 @@ def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: flo
     n_params = sum(p.numel() for p in model.parameters())
     bridge = WeightBridge([model], engine, info, bucket_mb=bucket_mb)
     bridge.sync()  # warm-up: caches bucket metadata, first-touch of every buffer
-    sync_s = float("inf")
+    sync_s = sync_cpu = float("inf")
     for trial in range(trials):
         perturb_(model, seed=10 + trial, scale=1e-3)
         dist.barrier()
+        c0 = time.process_time()
         stats = bridge.sync()
+        sync_cpu = min(sync_cpu, _max_over_ranks(time.process_time() - c0))
         sync_s = min(sync_s, _max_over_ranks(stats.seconds))
 
     # memory: one more sync with RSS sampling (sampling costs CPU, so not the timed one)
@@ -93,11 +96,12 @@ def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: flo
     # memcpy floor: the bytes this rank hands to vLLM, copied once, all ranks concurrently
     src = torch.empty(stats.bytes_loaded, dtype=torch.uint8).fill_(1)
     dst = torch.empty_like(src).fill_(0)
-    floor_s = float("inf")
+    floor_s = floor_cpu = float("inf")
     for _ in range(trials):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         dst.copy_(src)
+        floor_cpu = min(floor_cpu, _max_over_ranks(time.process_time() - c0))
         floor_s = min(floor_s, _max_over_ranks(time.perf_counter() - t0))
     del src, dst
 
@@ -105,12 +109,12 @@ def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: flo
     from safetensors.torch import save_file
 
     ckpt = Path(work_dir) / f"naive-{tp}{pp}{rollout_tp}"
-    naive_s = float("inf")
+    naive_s = naive_cpu = float("inf")
     for _ in range(min(trials, 2)):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         collector = _Collector()
-        WeightBridge([model], collector, info, bucket_mb=bucket_mb).sync()
+        WeightBridge([model], collector, info, bucket_mb=bucket_mb, shared_memory=False).sync()
         if dist.get_rank() == 0:
             ckpt.mkdir(parents=True, exist_ok=True)
             save_file(collector.tensors, str(ckpt / "model.safetensors"))
@@ -118,10 +122,12 @@ def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: flo
         del collector
         dist.barrier()
         engine.reload_from_path(str(ckpt))
+        naive_cpu = min(naive_cpu, _max_over_ranks(time.process_time() - c0))
         naive_s = min(naive_s, _max_over_ranks(time.perf_counter() - t0))
     return {"layout": [tp, pp, rollout_tp], "params": n_params * tp * pp if tp * pp > 1 else n_params,
             "bytes_loaded": stats.bytes_loaded, "buckets": stats.buckets, "sync_s": sync_s, "floor_s": floor_s,
-            "naive_s": naive_s, "peak_extra_mb": peak / 2**20,
+            "naive_s": naive_s, "sync_cpu_s": sync_cpu, "floor_cpu_s": floor_cpu, "naive_cpu_s": naive_cpu,
+            "peak_extra_mb": peak / 2**20,
             "bucket_mb": max(b.nbytes for b in bridge.buckets) / 2**20, "phases": stats.phase_seconds}
 
 
@@ -163,13 +169,14 @@ def main(argv=None) -> int:
     print(f"\nmodel: {rows[0]['params'] / 1e6:.1f}M params (qwen2, fp32), bucket {args.bucket_mb:g} MB, "
           f"{os.cpu_count()} CPU cores")
     hdr = (f"{'TP,PP->vTP':<11} {'MB/rank':>8} {'sync s':>8} {'floor s':>8} {'naive s':>8} "
-           f"{'sync/floor':>10} {'naive/sync':>10} {'peak+MB':>8}")
+           f"{'sync/floor':>10} {'naive/sync':>10} {'cpu s/f':>8} {'cpu n/s':>8} {'peak+MB':>8}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         tp, pp, rtp = r["layout"]
         print(f"{f'{tp},{pp}->{rtp}':<11} {r['bytes_loaded'] / 2**20:>8.0f} {r['sync_s']:>8.3f} {r['floor_s']:>8.3f} "
               f"{r['naive_s']:>8.3f} {r['sync_s'] / r['floor_s']:>10.2f} {r['naive_s'] / r['sync_s']:>10.2f} "
+              f"{r['sync_cpu_s'] / r['floor_cpu_s']:>8.2f} {r['naive_cpu_s'] / r['sync_cpu_s']:>8.2f} "
               f"{r['peak_extra_mb']:>8.0f}")
     base = next((r for r in rows if r["layout"] == [1, 1, 1]), None)
     ok_floor = base is None or base["sync_s"] <= 3 * base["floor_s"]
