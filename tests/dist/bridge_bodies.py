@@ -12,7 +12,6 @@ import torch
 
 def _train_steps(model, info, steps: int, lr: float, seed: int = 0):
     """Real Megatron DDP + optimizer steps (CE on fixed random tokens) to move every weight."""
-    from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
