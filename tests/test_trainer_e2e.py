@@ -181,3 +181,32 @@ def test_disaggregated_engine_matches_colocated(assets, tmp_path):
     for a, b in zip(runs["colocated"], runs["disaggregated"]):
         for key in ("reward/mean", "train/loss", "completion/length_mean"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.parametrize("options", [
+    ["algorithm.kl_coef=0.04", "algorithm.reference=swap", "algorithm.dynamic_sampling=true",
+     "algorithm.overlong_filtering=true", "algorithm.importance_sampling=token", "algorithm.update_epochs=2",
+     "algorithm.mini_batches=2", "algorithm.dual_clip=3.0"],
+    ["algorithm.kl_coef=0.04", "algorithm.reference=copy", "algorithm.kl_in_reward=true",
+     "algorithm.loss_agg=seq-mean-token-mean", "algorithm.adv_scale=batch", "algorithm.leave_one_out=true",
+     "optimizer.scheduler=cosine", "optimizer.warmup_ratio=0.5"],
+], ids=["swap-kl-dynamic-overlong-is-mu2", "copy-kl-in-reward-seqmean-batch-loo-cosine"])
+def test_algorithm_options_run_through_the_trainer(assets, tmp_path, options):
+    out = tmp_path / "run"
+    proc = run_train(*assets, f"trainer.output_dir={out}", "trainer.max_steps=2", "trainer.eval_steps=0",
+                     "checkpoint.save_steps=0", "trainer.export_at_end=false", *options)
+    _ok(proc)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["train/skipped"] == 0.0
+        assert all(v == v for v in r.values() if isinstance(v, float))  # no NaN anywhere
+    if "algorithm.kl_in_reward=true" in options:
+        assert all(r["train/kl_loss"] == 0.0 for r in rows)  # KL moved into the reward: not in the loss
+        assert rows[0]["train/lr"] == 0.0 and rows[1]["train/lr"] > 0.0  # warmup starts at 0
+    else:
+        # 4 updates per step (mu=2 x 2 mini-batches): KL to the frozen reference grows from 0 as the policy moves
+        assert 0.0 < rows[0]["train/kl_ref"] < rows[1]["train/kl_ref"] < 0.5
+        assert rows[0]["train/kl_loss"] > 0.0
+        assert rows[0]["train/num_microbatches"] >= 1 and "dynamic_sampling/batches" in rows[0]
+        assert "train/is_weight" in rows[0]

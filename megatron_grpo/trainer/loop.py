@@ -86,7 +86,6 @@ def run_training(cfg: DictConfig) -> int:
 
     # ---- the loop ---------------------------------------------------------------------------------------
     step = start_step
-    exit_code = 0
     try:
         while step < num_steps:
             step += 1
@@ -112,7 +111,7 @@ def run_training(cfg: DictConfig) -> int:
         preempt.restore()
         engine.shutdown()
         destroy_distributed()
-    return exit_code
+    return 0
 
 
 def _start_checkpoint_helper() -> None:
@@ -222,17 +221,19 @@ def sample_informative_batch(cfg, *, step, data, sampler, engine, scorer, G):
         results.append((result, groups))
         if sum(b.num_prompts for b in kept) >= wanted or tries >= cfg.algorithm.dynamic_sampling_max_batches:
             break
-    merged = _merge_kept(kept, results, G, wanted)
-    return merged[0], merged[1], {"dynamic_sampling/batches": tries, "dynamic_sampling/dropped_groups": dropped}
+    stats = {"dynamic_sampling/batches": tries, "dynamic_sampling/dropped_groups": dropped}
+    if not any(len(b) for b in kept):  # nothing informative: the last batch as is (all advantages 0)
+        return rollout, result, stats
+    merged, merged_result = merge_informative(kept, results, G, wanted)
+    return merged, merged_result, stats
 
 
-def _merge_kept(kept, results, G, wanted):
+def merge_informative(kept, results, G, wanted):
+    """Concatenate the informative groups of several generate+score rounds, up to `wanted` prompts."""
     from megatron_grpo.rewards import RewardBatchResult
     from megatron_grpo.rollout.types import RolloutBatch
 
     nonempty = [b for b in kept if len(b)]
-    if not nonempty:  # nothing informative at all: train on the last batch (zero advantages, no update signal)
-        return kept[-1] if len(kept[-1]) else None, results[-1][0]
     total, excluded, rewards = [], [], {}
     for result, groups in results:
         keep = [i for g in groups for i in range(g * G, (g + 1) * G)]
