@@ -47,6 +47,9 @@ def _check_parity(results, tp, pp):
             assert p["ref_std"] > 0.5  # logits are O(1): the tolerance is meaningful
             assert p["max_abs_err"] <= TOL, (arch, tp, pp, p["max_abs_err"])
             assert p["padded_max_abs"] == 0.0  # padded vocab rows are zero (consumers mask them to -inf)
+    for r in results:  # logprobs through compute_logprobs, returned on every rank, vs HF log_softmax (T=0.7)
+        for arch in ARCHS:
+            assert r["parity"][arch]["logprob_max_abs_err"] <= TOL, (arch, tp, pp, r["parity"][arch])
     for r in results:  # each rank read only its slices: ~1/(tp*pp) of the files, plus replicated norms
         for arch in ARCHS:
             p = r["parity"][arch]

@@ -74,10 +74,18 @@ def _parity(models: dict, tp: int, pp: int) -> dict:
         total = sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
         r = {"bytes_read": report.bytes_read, "hf_bytes": total, "tensors": report.tensors,
              "padded_vocab": info.padded_vocab_size(tp), "sequence_parallel": sp}
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ref = hf(tokens).logits.float()
+        # The production logprob path (vocab-parallel, padded vocab masked, PP broadcast) on every rank,
+        # against HF's log_softmax at a sampling temperature.
+        from megatron_grpo.models.logprobs import compute_logprobs
+
+        with torch.no_grad():
+            lp = compute_logprobs([model], tokens, vocab_size=info.vocab_size, temperature=0.7)
+        ref_lp = torch.log_softmax(ref[:, :-1] / 0.7, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        r["logprob_max_abs_err"] = float((lp[:, 1:] - ref_lp).abs().max())
         if logits is not None:
-            hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-            with torch.no_grad():
-                ref = hf(tokens).logits.float()
             r["max_abs_err"] = float((logits[..., : info.vocab_size] - ref).abs().max())
             r["padded_max_abs"] = float(logits[..., info.vocab_size:].abs().max()) if logits.shape[-1] > info.vocab_size else 0.0
             r["logits_shape"] = list(logits.shape)
