@@ -449,19 +449,7 @@ def _procs_in_ns(ns: str, allow_own: bool = False) -> list[int]:
 
 
 def _stop(pids: list[int], timeout: float) -> None:
-    pids = [p for p in pids if _alive(p)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.05)
-        pids = [p for p in pids if _alive(p)]
-        if not pids:
-            return
+    _stop_reaping(pids, lambda: None, timeout)
 
 
 def down(state_dir: Path | str = DEFAULT_STATE_DIR) -> None:
