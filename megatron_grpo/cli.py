@@ -45,6 +45,14 @@ def cmd_train(args) -> int:
     cfg, _ = _load(args, check_paths=True)
     if args.print_config:
         return 0
+    if os.environ.get("GRPO_ROLE") == "rollout":  # node-split jobs: this rank serves vLLM, it does not train
+        from megatron_grpo.errors import INPUT_ERRORS, report
+        from megatron_grpo.rollout.server import run_rollout_server
+
+        try:
+            return run_rollout_server(cfg)
+        except INPUT_ERRORS as e:  # rollout ranks fail alone: every rank reports its own
+            return report(e, every_rank=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     if args.nproc_per_node > 1 and not _under_launcher():
         argv = [a for a in sys.argv[1:] if not a.startswith("--nproc-per-node")]
         if "--nproc-per-node" in sys.argv:  # "--nproc-per-node N" form: drop the value too

@@ -72,10 +72,24 @@ def model_shape(cfg: DictConfig) -> dict:
 
 
 def launcher_world_size(cfg: DictConfig) -> int | None:
+    """The training world size. A rollout rank of a node-split job (GRPO_ROLE=rollout) has its own
+    WORLD_SIZE; the training world's is GRPO_TRAIN_WORLD_SIZE there."""
     if cfg.parallel.world_size is not None:
         return int(cfg.parallel.world_size)
-    env = os.environ.get("WORLD_SIZE")
+    env = os.environ.get("GRPO_TRAIN_WORLD_SIZE" if os.environ.get("GRPO_ROLE") == "rollout" else "WORLD_SIZE")
     return int(env) if env else None
+
+
+def _check_rollout_role(cfg: DictConfig) -> None:
+    """GRPO_ROLE=rollout (slurm/grpo_disaggregated.sh): the rank serves vLLM for a trainer elsewhere."""
+    if os.environ.get("GRPO_ROLE") != "rollout":
+        return
+    r = cfg.rollout
+    if r.placement != "disaggregated":
+        raise ConfigError(f"GRPO_ROLE=rollout needs rollout.placement=disaggregated (got {r.placement!r})")
+    world = os.environ.get("WORLD_SIZE")
+    if world and world.isdigit() and int(world) % r.tp:
+        raise ConfigError(f"rollout.tp={r.tp} does not divide the rollout world size {world}")
 
 
 def _check_choices(cfg: DictConfig) -> None:
@@ -162,6 +176,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if cfg.data.test_split is None and not 0 <= cfg.data.test_fraction < 1:
         raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} must be in [0, 1)")
     _check_rewards(cfg)
+    _check_rollout_role(cfg)
 
     shape = model_shape(cfg) if check_paths or cfg.model.init == "tiny" else None
     tp, pp = cfg.parallel.tp, cfg.parallel.pp

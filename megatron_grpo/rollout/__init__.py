@@ -1,4 +1,5 @@
-"""vLLM rollout engines (colocated in the training ranks, or disaggregated on their own processes).
+"""vLLM rollout engines (colocated in the training ranks, disaggregated on their own processes, or
+rollout servers on their own nodes: ``server`` / ``remote``).
 
 Importing this package does not import vLLM; the engines import it when constructed.
 """
@@ -15,8 +16,13 @@ def __getattr__(name):
         from megatron_grpo.rollout import disaggregated
 
         return getattr(disaggregated, name)
+    if name in ("RemoteEngine",):
+        from megatron_grpo.rollout import remote
+
+        return getattr(remote, name)
     raise AttributeError(name)
 
 
 __all__ = ["EngineConfig", "engine_kwargs", "RolloutBatch", "SamplingConfig", "prompt_seed",
-           "ColocatedEngine", "DisaggregatedEngine"]
+           "ColocatedEngine", "DisaggregatedEngine",
+           "RemoteEngine"]

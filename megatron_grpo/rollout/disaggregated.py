@@ -18,6 +18,9 @@ Weight transports (tensors cannot travel through ``collective_rpc`` to another p
 
 The bridge (``WeightBridge``) brings every bucket to the driver rank; other trainer ranks only
 take part in the gathers.
+
+Rollout servers on their own nodes (``server`` / ``remote``) reuse the pieces: ``start_engine``,
+``FsWeightWriter`` and the ``DriverOwnedEngine`` base (results and errors broadcast from the driver).
 """
 from __future__ import annotations
 
@@ -68,8 +71,122 @@ def _engine_process_env(devices: Sequence[int] | None, cpu: bool):
                 os.environ[k] = v
 
 
-class DisaggregatedEngine:
+def transfer_backend(platform) -> str:
+    """The weight-transfer group's backend: NCCL between GPUs, gloo on CPU machines."""
+    return "nccl" if platform.cuda else "gloo"
+
+
+def start_engine(cfg: EngineConfig, *, platform, devices: Sequence[int] | None) -> VLLMRunner:
+    """A ``vllm.LLM`` whose engine core and workers run in their own processes (own torch world;
+    on CUDA the GPUs ``devices``), with the trainer's RNG streams untouched."""
+    from vllm import LLM
+
+    backend = "mp" if cfg.tensor_parallel_size > 1 else None
+    kwargs = engine_kwargs(cfg, platform=platform, executor_backend=backend)
+    with preserve_rng(), _engine_process_env(devices, cpu=not platform.cuda):
+        runner = VLLMRunner(LLM(**kwargs), cfg)
+    if not platform.cuda and cfg.tensor_parallel_size > 1:
+        runner.rpc("mgrpo_unlink_cpu_shm")  # see worker_ext.unlink_vllm_cpu_shm
+    return runner
+
+
+def while_running(rpc, collective):
+    """Run a worker RPC in a thread while this process does its side of a collective with those
+    workers (both block until the other side arrives); returns the collective's result."""
+    errors = []
+
+    def call():
+        try:
+            rpc()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    result = collective()
+    t.join()
+    if errors:
+        raise errors[0]
+    return result
+
+
+class FsWeightWriter:
+    """The shared-filesystem transport: one folder ``weights_path/v<version>/`` of safetensors shards
+    per update, read by vLLM's ``reload_weights``; older versions are pruned."""
+
+    def __init__(self, root: Path, keep_versions: int = 1):
+        self.root, self.keep_versions = Path(root), keep_versions
+        self.folder: Path | None = None
+        self._shards = 0
+
+    def begin(self, version: int) -> None:
+        self.folder = self.root / f"v{version}"
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self._shards = 0
+
+    def write(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        # clone: q/k/v (and gate/up) are views of one fused tensor; safetensors refuses shared storage
+        save_file({n: t.detach().to("cpu").contiguous().clone() for n, t in weights},
+                  str(self.folder / f"model-{self._shards:05d}.safetensors"))
+        self._shards += 1
+
+    def prune(self) -> None:
+        dirs = sorted((p for p in self.root.glob("v*") if p.is_dir() and p.name[1:].isdigit()),
+                      key=lambda p: int(p.name[1:]))
+        for old in dirs[:-self.keep_versions] if self.keep_versions > 0 else dirs:
+            if old != self.folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _portable(e: Exception) -> Exception:
+    """The exception itself if it survives pickling, else a RuntimeError with its one-line text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+
+
+class DriverOwnedEngine:
+    """What engines owned by one trainer rank (the driver) share: every trainer rank calls the same
+    methods; the driver does the work and broadcasts the result, or its error, to the others."""
+
     placement = "disaggregated"
+    driver_rank = 0
+    is_driver = True
+    _dist = False
+
+    def _from_driver(self, fn):
+        import torch.distributed as dist
+
+        out, error = [None], None
+        if self.is_driver:
+            try:
+                out = [("ok", fn())]
+            except Exception as e:  # every rank raises it: no rank is left waiting in a collective
+                error, out = e, [("error", _portable(e))]
+        if self._dist:
+            dist.broadcast_object_list(out, src=self.driver_rank)
+        status, value = out[0]
+        if error is not None:
+            raise error
+        if status == "error":
+            raise value
+        return value
+
+    def sleep(self) -> None:  # the engine has its own devices: nothing to free for the trainer
+        pass
+
+    def wake_up(self, tags=None) -> None:
+        pass
+
+
+class DisaggregatedEngine(DriverOwnedEngine):
 
     def __init__(self, cfg: EngineConfig, *, transport: str = "pg", weights_path: str | None = None,
                  driver_rank: int = 0, devices: Sequence[int] | None = None, host: str | None = None,
@@ -90,18 +207,10 @@ class DisaggregatedEngine:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.is_driver = self.rank == self.driver_rank
         self.runner = self.llm = self._group = None
-        self._fs_dir: Path | None = None
-        self._fs_shards = 0
+        self._fs = FsWeightWriter(self.weights_path, keep_versions) if transport == "fs" else None
         if self.is_driver:
-            from vllm import LLM
-
-            backend = "mp" if cfg.tensor_parallel_size > 1 else None
-            kwargs = engine_kwargs(cfg, platform=self.platform, executor_backend=backend)
-            with preserve_rng(), _engine_process_env(devices, cpu=not self.platform.cuda):
-                self.runner = VLLMRunner(LLM(**kwargs), cfg)
+            self.runner = start_engine(cfg, platform=self.platform, devices=devices)
             self.llm = self.runner.llm
-            if not self.platform.cuda and cfg.tensor_parallel_size > 1:
-                self.runner.rpc("mgrpo_unlink_cpu_shm")  # see worker_ext.unlink_vllm_cpu_shm
             if transport == "pg":
                 self._connect(host or os.environ.get("MASTER_ADDR", "127.0.0.1"))
         if self._dist:
@@ -109,32 +218,13 @@ class DisaggregatedEngine:
 
     # -- transport setup -------------------------------------------------------------------------
     def _connect(self, host: str) -> None:
-        backend = "nccl" if self.platform.cuda else "gloo"
+        backend = transfer_backend(self.platform)
         port, world = free_port(host), 1 + self.cfg.tensor_parallel_size
-        errors = []
-
-        def workers():
-            try:
-                self.runner.rpc("mgrpo_init_transfer_group", host, port, world, 1, backend)
-            except BaseException as e:  # surfaced below
-                errors.append(e)
-
-        t = threading.Thread(target=workers, daemon=True)
-        t.start()
-        self._group = TransferGroup.connect(host, port, rank=0, world_size=world, backend=backend)
-        t.join()
-        if errors:
-            raise errors[0]
+        self._group = while_running(
+            lambda: self.runner.rpc("mgrpo_init_transfer_group", host, port, world, 1, backend),
+            lambda: TransferGroup.connect(host, port, rank=0, world_size=world, backend=backend))
 
     # -- generation --------------------------------------------------------------------------------
-    def _from_driver(self, fn):
-        import torch.distributed as dist
-
-        out = [fn() if self.is_driver else None]
-        if self._dist:
-            dist.broadcast_object_list(out, src=self.driver_rank)
-        return out[0]
-
     def generate(self, prompts: Sequence, sampling: SamplingConfig, seed: int) -> RolloutBatch:
         """Full batch on every trainer rank (G contiguous completions per prompt, prompt order)."""
         prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
@@ -152,38 +242,17 @@ class DisaggregatedEngine:
         if self.transport == "pg":
             self.runner.rpc("mgrpo_begin_update")
         else:
-            self._fs_dir = self.weights_path / f"v{self.weight_version + 1}"
-            shutil.rmtree(self._fs_dir, ignore_errors=True)
-            self._fs_dir.mkdir(parents=True)
-            self._fs_shards = 0
+            self._fs.begin(self.weight_version + 1)
 
     def load_bucket(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if not self.is_driver:
             raise RuntimeError("load_bucket on a non-driver rank of a disaggregated engine")
-        weights = list(weights)
         if self.transport == "fs":
-            from safetensors.torch import save_file
-
-            # clone: q/k/v (and gate/up) are views of one fused tensor; safetensors refuses shared storage
-            save_file({n: t.detach().to("cpu").contiguous().clone() for n, t in weights},
-                      str(self._fs_dir / f"model-{self._fs_shards:05d}.safetensors"))
-            self._fs_shards += 1
+            self._fs.write(weights)
             return
-        buf, meta = pack_bucket(weights)
-        errors = []
-
-        def workers():
-            try:
-                self.runner.rpc("mgrpo_recv_bucket", meta.to_wire())
-            except BaseException as e:
-                errors.append(e)
-
-        t = threading.Thread(target=workers, daemon=True)
-        t.start()
-        self._group.broadcast(buf, src=0)
-        t.join()
-        if errors:
-            raise errors[0]
+        buf, meta = pack_bucket(list(weights))
+        while_running(lambda: self.runner.rpc("mgrpo_recv_bucket", meta.to_wire()),
+                      lambda: self._group.broadcast(buf, src=0))
 
     def end_weight_update(self, version: int | None = None) -> int:
         new_version = self.weight_version + 1 if version is None else int(version)
@@ -192,32 +261,19 @@ class DisaggregatedEngine:
                 missing = self.runner.rpc("mgrpo_end_update")
                 self.last_not_loaded = sorted({n for per in missing for n in per})
             else:
-                self.runner.rpc("mgrpo_reload_from_path", str(self._fs_dir))
-                self._prune_versions()
+                self.runner.rpc("mgrpo_reload_from_path", str(self._fs.folder))
+                self._fs.prune()
             self.llm.reset_prefix_cache()
             if self.last_not_loaded:
                 log.warning("weight update left vLLM parameters untouched: %s", self.last_not_loaded)
         self.weight_version = new_version
         return new_version
 
-    def _prune_versions(self) -> None:
-        dirs = sorted((p for p in self.weights_path.glob("v*") if p.is_dir() and p.name[1:].isdigit()),
-                      key=lambda p: int(p.name[1:]))
-        for old in dirs[:-self.keep_versions] if self.keep_versions > 0 else dirs:
-            if old != self._fs_dir:
-                shutil.rmtree(old, ignore_errors=True)
-
     def checksum(self) -> float:
         return self._from_driver(lambda: float(self.runner.rpc("mgrpo_param_checksum")[0]))
 
     def worker_pids(self) -> list[int]:
         return self._from_driver(lambda: [int(p) for p in self.runner.rpc("mgrpo_pid")])
-
-    def sleep(self) -> None:  # the engine has its own devices: nothing to free for the trainer
-        pass
-
-    def wake_up(self, tags=None) -> None:
-        pass
 
     def shutdown(self) -> None:
         if self._group is not None:

@@ -78,33 +78,49 @@ def build_policy_stack(cfg: DictConfig, *, num_steps: int) -> PolicyStack:
     return PolicyStack(chunks, info, optimizer, scheduler, train_step, reference)
 
 
-def build_engine(cfg: DictConfig, *, max_model_len: int):
+def engine_config(cfg: DictConfig, *, max_model_len: int):
+    """The vLLM engine settings of the run (trainer and rollout servers build the same one)."""
     from megatron_grpo.platform import detect
     from megatron_grpo.rollout.config import EngineConfig
 
     r = cfg.rollout
     cuda = detect().cuda
-    ecfg = EngineConfig(
+    return EngineConfig(
         model=str(cfg.model.path), tensor_parallel_size=r.tp,
         dtype="bfloat16" if cfg.model.dtype == "bfloat16" else "float32", max_model_len=max_model_len,
         seed=cfg.trainer.seed, enforce_eager=r.enforce_eager,
         kv_cache_memory_bytes=None if cuda else int(r.kv_cache_memory_mb) << 20,
         gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda and r.placement == "colocated",
         sleep_level=r.sleep_level)
+
+
+def build_engine(cfg: DictConfig, *, max_model_len: int):
+    import os
+
+    r = cfg.rollout
+    ecfg = engine_config(cfg, max_model_len=max_model_len)
     if r.placement == "colocated":
         from megatron_grpo.rollout.engine import ColocatedEngine
 
         return ColocatedEngine(ecfg)
-    import os
+    if os.environ.get("GRPO_ROLE") == "rollout":  # the CLI runs the rollout server for this role
+        raise RuntimeError("GRPO_ROLE=rollout ranks run megatron_grpo.rollout.server, not the trainer's engine")
+    transport = "fs" if r.weights_path else "pg"
+    if os.environ.get("GRPO_ROLE") == "train":
+        from megatron_grpo.rollout.control import transfer_address
 
-    if os.environ.get("GRPO_ROLE") == "rollout":
-        raise ValueError("GRPO_ROLE=rollout: rollout servers on their own nodes are not implemented yet; "
-                         "run rollout.placement=disaggregated inside the training job (rollout.devices)")
+        address = transfer_address()
+        if address is not None:
+            from megatron_grpo.rollout.remote import RemoteEngine, replicas_from_env
+
+            # node split: rollout servers on other nodes connect to this job's rank 0
+            return RemoteEngine(ecfg, addr=address[0], port=address[1], replicas=replicas_from_env(r.tp),
+                                transport=transport, weights_path=r.weights_path, timeout_s=cfg.parallel.timeout_s)
     from megatron_grpo.rollout.disaggregated import DisaggregatedEngine
 
     # The driver rank owns vLLM in its own processes (own torch world; own GPUs on CUDA); weights go over
     # a private process group, or through rollout.weights_path on a shared filesystem.
-    return DisaggregatedEngine(ecfg, transport="fs" if r.weights_path else "pg", weights_path=r.weights_path,
+    return DisaggregatedEngine(ecfg, transport=transport, weights_path=r.weights_path,
                                devices=list(r.devices) if r.devices else None)
 
 

@@ -1,0 +1,169 @@
+"""Rollout servers on their own "nodes" (GRPO_ROLE=rollout) feeding a real trainer (GRPO_ROLE=train).
+
+What slurm/grpo_disaggregated.sh runs, without Slurm: each rollout server is `megatron-grpo train`
+with GRPO_ROLE=rollout and its own RANK/WORLD_SIZE; the trainer is a 2-rank torchrun job whose rank 0
+listens at GRPO_TRANSFER_ADDR:GRPO_TRANSFER_PORT. Real vLLM, real megatron-core, real rewards.
+"""
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megatron_grpo.testing.torchrun import free_port
+from tests.e2e import CONFIG, REPO, env, error_lines, kill_tree, metrics, run_train, train_cmd
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+COMMON = ("trainer.eval_steps=0", "checkpoint.save_steps=0", "trainer.export_at_end=false",
+          "logging.tensorboard=false", f"trainer.max_steps={STEPS}")
+KEYS = ("reward/mean", "train/loss", "completion/length_mean", "reward/std")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Data + warm-started tiny model, made once through the trainer's own asset step."""
+    from megatron_grpo.config import load_config
+    from megatron_grpo.trainer.assets import prepare_assets
+
+    root = tmp_path_factory.mktemp("assets")
+    overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", f"trainer.output_dir={root / 'x'}"]
+    prepare_assets(load_config(REPO / "configs" / "grpo_tiny_cpu.yaml", overrides))
+    return overrides[:2]
+
+
+def _role_env(role: str, port: int, **extra) -> dict:
+    e = env()
+    e.update(GRPO_ROLE=role, GRPO_TRANSFER_ADDR="127.0.0.1", GRPO_TRANSFER_PORT=str(port))
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def _server(rank: int, world: int, port: int, overrides, log_path):
+    """One rollout server, as one task of the rollout step would run it."""
+    e = _role_env("rollout", port, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
+                  GRPO_TRAIN_WORLD_SIZE=2)
+    return subprocess.Popen(train_cmd(*overrides), cwd=REPO, env=e, stdout=open(log_path, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _trainer(port: int, rollout_world: int, overrides, timeout=600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_grpo.cli", "train",
+           "--config", str(CONFIG), *overrides]
+    e = _role_env("train", port, GRPO_ROLLOUT_WORLD_SIZE=rollout_world, GRPO_TRAIN_WORLD_SIZE=2)
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def _remote_run(tmp_path, name: str, servers: int, overrides):
+    """Start `servers` rollout servers and the 2-rank trainer; returns (trainer, [(rc, log)], seconds)."""
+    port = free_port()
+    procs = [_server(r, servers, port, overrides, tmp_path / f"{name}_server{r}.log") for r in range(servers)]
+    t0 = time.monotonic()
+    try:
+        trainer = _trainer(port, servers, overrides)
+        rcs = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p.pid)
+    return trainer, [(rc, (tmp_path / f"{name}_server{r}.log").read_text()) for r, rc in enumerate(rcs)], \
+        time.monotonic() - t0
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+
+def _rows(out):
+    return [{k: r[k] for k in ("step", *KEYS)} for r in metrics(out)]
+
+
+def test_rollout_servers_feed_the_trainer_like_colocated_vllm(assets, tmp_path):
+    """Per-step rewards, loss and lengths of a 2-rank trainer fed by rollout servers equal those of
+    the same run with vLLM colocated in the 2 training ranks (2 replicas), bit for bit: with one
+    server (weights over the transfer process group) and with two servers (2 replicas, weights
+    through rollout.weights_path). Every server exits 0 when training ends."""
+    common = [*assets, *COMMON]
+    colocated = tmp_path / "colocated"
+    _ok(run_train(*common, f"trainer.output_dir={colocated}", nproc=2))
+    expected = _rows(colocated)
+    assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
+
+    runs = {"pg-1-server": (1, []), "fs-2-servers": (2, [f"rollout.weights_path={tmp_path / 'weights'}"])}
+    for name, (servers, extra) in runs.items():
+        out = tmp_path / name
+        trainer, server_results, seconds = _remote_run(
+            tmp_path, name, servers, [*common, "rollout.placement=disaggregated", f"trainer.output_dir={out}", *extra])
+        print(f"{name}: {seconds:.1f} s")
+        _ok(trainer)
+        for rank, (rc, log) in enumerate(server_results):
+            assert rc == 0, f"server {rank} exit {rc}\n{log[-4000:]}"
+            assert f"replica {rank} of {servers}" in log and "shutdown by the trainer: exiting" in log, log[-4000:]
+        parity = next(line for line in trainer.stdout.splitlines() if "step-1 logprob parity" in line)
+        assert float(parity.rsplit(":", 1)[1]) <= 1e-3, parity
+        assert _rows(out) == expected, (name, _rows(out), expected)
+        assert (out / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file()
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [f"v{STEPS}"]  # older versions pruned
+
+
+def _server_alone(tmp_path, name, *overrides, **env_extra):
+    port = env_extra.pop("port", None) or free_port()
+    e = _role_env("rollout", port, RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, LOCAL_WORLD_SIZE=1)
+    e.update({k: str(v) for k, v in env_extra.items()})
+    return subprocess.Popen(train_cmd(*overrides, f"trainer.output_dir={tmp_path / name}"), cwd=REPO, env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _read_until(proc, text: str, timeout: float) -> str:
+    deadline, seen = time.monotonic() + timeout, ""
+    while text not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, (proc.poll(), seen)
+        seen += proc.stdout.readline()
+    return seen
+
+
+def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
+    """A wrong host name, nothing listening, a bad TP shape, SIGTERM while waiting, and a trainer whose
+    GRPO_TRANSFER_ADDR is not its own: each ends in seconds with one `error:` line (or exit 0 for the
+    signal). All run at once."""
+    not_yet = [f"model.path={tmp_path / 'model-made-by-the-trainer'}", assets[1]]  # server connects before vLLM
+    common = ["rollout.placement=disaggregated", *COMMON]
+    t0 = time.monotonic()
+    procs = {
+        "bad host": _server_alone(tmp_path, "a", *assets, *common, GRPO_TRANSFER_ADDR="no-such-host.invalid"),
+        "refused": _server_alone(tmp_path, "b", *not_yet, *common, "parallel.timeout_s=3"),
+        "tp split": _server_alone(tmp_path, "c", *assets, *common, "rollout.tp=2", WORLD_SIZE=6, LOCAL_WORLD_SIZE=3),
+        "colocated": _server_alone(tmp_path, "d", *assets, *COMMON),
+        "sigterm": _server_alone(tmp_path, "e", *not_yet, *common, "parallel.timeout_s=120"),
+    }
+    trainer_cmd = train_cmd(*assets, *common, f"trainer.output_dir={tmp_path / 'trainer'}")
+    trainer = subprocess.Popen(trainer_cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=_role_env("train", free_port(), GRPO_TRANSFER_ADDR="192.0.2.1"),
+                               start_new_session=True)
+    try:
+        seen = _read_until(procs["sigterm"], "connecting to the trainer", timeout=120)
+        procs["sigterm"].send_signal(signal.SIGTERM)  # while it retries its connection
+        results = {name: (p.wait(timeout=120), *p.communicate()) for name, p in procs.items()}
+        results["sigterm"] = (results["sigterm"][0], seen + results["sigterm"][1], results["sigterm"][2])
+        results["trainer"] = (trainer.wait(timeout=300), *trainer.communicate())
+    finally:
+        for p in [*procs.values(), trainer]:
+            if p.poll() is None:
+                kill_tree(p.pid)
+    print(f"all done in {time.monotonic() - t0:.1f} s")
+    expected = {
+        "bad host": "GRPO_TRANSFER_ADDR=no-such-host.invalid: cannot resolve the host name",
+        "refused": "no trainer reachable at 127.0.0.1:",
+        "tp split": "rollout.tp=2 does not fit the rollout nodes' 3 ranks (LOCAL_WORLD_SIZE)",
+        "colocated": "GRPO_ROLE=rollout needs rollout.placement=disaggregated",
+        "trainer": "cannot listen for rollout servers at 192.0.2.1:",
+    }
+    for name, text in expected.items():
+        rc, out, err = results[name]
+        lines = error_lines(err)
+        assert rc == 2 and len(lines) == 1 and text in lines[0], (name, rc, lines, err[-3000:])
+    rc, out, err = results["sigterm"]
+    assert rc == 0 and not error_lines(err) and "SIGTERM before a trainer connected" in out, (rc, out, err[-3000:])
