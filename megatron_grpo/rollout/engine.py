@@ -232,8 +232,13 @@ class ColocatedEngine:
         self.runner.rpc("mgrpo_begin_update")
         self._updating = True
 
-    def load_bucket(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """One bucket of full (TP-gathered) HF-named tensors, for this rank's vLLM worker."""
+    # the worker runs in this process: the bridge's slots (this rank's slice of an HF tensor) need
+    # no full-size materialisation before they reach it (see rollout/cpu_direct_load.py)
+    accepts_slots = True
+
+    def load_bucket(self, weights: Iterable) -> None:
+        """One bucket of HF-named items for this rank's vLLM worker: ``(name, full tensor)`` pairs,
+        or bridge slots (``bridge.slices.Slot``) in slice mode."""
         if not self._updating:
             raise RuntimeError("load_bucket outside begin_weight_update/end_weight_update")
         self.runner.rpc("mgrpo_load_bucket", list(weights))

