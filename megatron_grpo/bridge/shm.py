@@ -42,21 +42,28 @@ def same_host(group) -> bool:
 
 
 class ShmGroup:
-    """One mapped slot of ``capacity`` bytes per member of ``group`` (collective constructor)."""
+    """One mapped slot of ``capacity`` bytes per member of ``group`` (collective constructor).
 
-    def __init__(self, group, capacity: int):
+    ``shared=True``: a single slot that every member maps and writes its own part of (the bridge's
+    in-place TP gather); ``slots`` has one entry and :meth:`mine` returns it.
+    """
+
+    def __init__(self, group, capacity: int, *, shared: bool = False):
         self.group = group
         self.size = dist.get_world_size(group)
         self.index = dist.get_rank(group)
         self.capacity = max(int(capacity), 1)
+        self.shared = shared
         token = [uuid.uuid4().hex if self.index == 0 else None]
         dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
-        paths = [os.path.join(SHM_DIR, f"mgrpo-bridge-{token[0]}-{i}") for i in range(self.size)]
-        fd = os.open(paths[self.index], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, self.capacity)
-        finally:
-            os.close(fd)
+        paths = [os.path.join(SHM_DIR, f"mgrpo-bridge-{token[0]}-{i}") for i in range(1 if shared else self.size)]
+        owns = not shared or self.index == 0
+        if owns:
+            fd = os.open(paths[0 if shared else self.index], os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                os.ftruncate(fd, self.capacity)
+            finally:
+                os.close(fd)
         dist.barrier(group=group)
         self._maps, self.slots = [], []
         for p in paths:
@@ -68,10 +75,11 @@ class ShmGroup:
             self._maps.append(m)
             self.slots.append(torch.frombuffer(m, dtype=torch.uint8))
         dist.barrier(group=group)
-        os.unlink(paths[self.index])  # every member has mapped it: the name is no longer needed
+        if owns:  # every member has mapped it: the name is no longer needed
+            os.unlink(paths[0 if shared else self.index])
 
     def mine(self) -> torch.Tensor:
-        return self.slots[self.index]
+        return self.slots[0 if self.shared else self.index]
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

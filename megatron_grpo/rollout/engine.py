@@ -232,20 +232,17 @@ class ColocatedEngine:
         self.runner.rpc("mgrpo_begin_update")
         self._updating = True
 
-    # the worker runs in this process: the bridge's slots (this rank's slice of an HF tensor) need
-    # no full-size materialisation before they reach it (see rollout/cpu_direct_load.py)
-    accepts_slots = True
+    # the worker runs in this process: the bridge may hand it slots (this rank's slice of an HF
+    # tensor, no full-size materialisation) and views of buffers it reuses (``transient``)
+    in_process_worker = True
 
-    def load_bucket(self, weights: Iterable) -> None:
+    def load_bucket(self, weights: Iterable, *, transient: bool = False) -> None:
         """One bucket of HF-named items for this rank's vLLM worker: ``(name, full tensor)`` pairs,
-        or bridge slots (``bridge.slices.Slot``) in slice mode."""
+        or bridge slots (``bridge.slices.Slot``) in slice mode. ``transient``: the tensors' memory
+        is reused once this returns (the worker copies whatever it must keep)."""
         if not self._updating:
             raise RuntimeError("load_bucket outside begin_weight_update/end_weight_update")
-        self.runner.rpc("mgrpo_load_bucket", list(weights))
-
-    def pending_layers(self) -> int:
-        """vLLM layers still holding references to tensors passed to ``load_bucket``."""
-        return int(self.runner.rpc("mgrpo_pending_layers")[0])
+        self.runner.rpc("mgrpo_load_bucket", list(weights), transient=transient)
 
     def end_weight_update(self, version: int | None = None) -> int:
         """Finish the session, reset the prefix cache, bump (or set) the weight version."""

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from megatron_grpo.rollout.cpu_direct_load import CpuDirectLoader, named_tensor
+from megatron_grpo.rollout.cpu_direct_load import CpuDirectLoader, named_tensor, owned
 from megatron_grpo.rollout.packing import BucketMeta, unpack_bucket
 
 
@@ -108,11 +108,13 @@ class MegatronGRPOWorkerExtension:
         self._mgrpo_updating = True
         self._mgrpo_loaded = set()
 
-    def mgrpo_load_bucket(self, weights) -> int:
+    def mgrpo_load_bucket(self, weights, transient: bool = False) -> int:
         """Load one bucket inside the open session; returns #items taken.
 
         Items are ``(hf_name, tensor)`` pairs or bridge slots (``bridge.slices.Slot``: this rank's
-        slice of an HF tensor, for the in-process colocated engine).
+        slice of an HF tensor, for the in-process colocated engine). ``transient``: the caller
+        overwrites the tensors' memory after the call, so nothing may keep referencing it (vLLM's
+        layerwise loader holds a layer's tensors until the whole layer has arrived).
         """
         from vllm.config import set_current_vllm_config
 
@@ -121,25 +123,16 @@ class MegatronGRPOWorkerExtension:
         items = list(weights)
         direct = self._mgrpo_direct
         with set_current_vllm_config(self.vllm_config):
-            rest = direct.take(items) if direct is not None else [named_tensor(it) for it in items]
+            if direct is not None:
+                rest = direct.take(items, transient=transient)
+            else:
+                rest = [owned(it) if transient else named_tensor(it) for it in items]
             loaded = self._mgrpo_model().load_weights(iter(rest)) if rest else None
         if loaded:
             self._mgrpo_loaded.update(loaded)
         if direct is not None:
             self._mgrpo_loaded.update(direct.loaded)
         return len(items)
-
-    def mgrpo_pending_layers(self) -> int:
-        """Layers holding loaded-but-unprocessed weights (references to the caller's tensors).
-
-        Zero after a bucket means vLLM copied everything it was given: the caller may reuse the
-        buffers behind that bucket.
-        """
-        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-
-        direct = getattr(self, "_mgrpo_direct", None)
-        pending = len(direct.pending) if direct is not None else 0
-        return pending + sum(1 for m in self._mgrpo_model().modules() if get_layerwise_info(m).loaded_weights)
 
     def mgrpo_end_update(self) -> list[str]:
         """Close the session; returns the vLLM parameter names that were NOT loaded (should be [])."""
