@@ -14,12 +14,17 @@
 #   RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT   of the rank's own world
 #   GRPO_TRAIN_HOSTS GRPO_ROLLOUT_HOSTS                  comma-separated node names of each world
 #   GRPO_TRAIN_WORLD_SIZE GRPO_ROLLOUT_WORLD_SIZE
-#   GRPO_TRANSFER_ADDR GRPO_TRANSFER_PORT                where training rank 0 hosts the weight-transfer
-#                                                        rendezvous (megatron_grpo/rollout/transfer_group.py)
-# The job lives as long as the training step: when it ends (finished, failed or checkpointed after
-# USR1) the rollout step is stopped with SIGTERM; if the rollout step fails first, training is
-# stopped (SIGTERM: it checkpoints) and the job fails. ROLLOUT_CMD overrides the rollout command
-# (default: TRAIN_CMD).
+#   GRPO_TRANSFER_ADDR GRPO_TRANSFER_PORT                where training rank 0 listens for the rollout
+#                                                        servers (megatron_grpo/rollout/remote.py)
+#   GRPO_TRANSFER_AUTHKEY                                a random secret per run: the servers' handshake
+# With GRPO_ROLE=rollout, `megatron-grpo train` runs a rollout server (megatron_grpo/rollout/server.py):
+# one vLLM replica per rollout.tp ranks (a TP group must lie within a node), connected to training
+# rank 0, which splits each step's prompts over the replicas and pushes weights to them.
+# The job lives as long as the training step. When it ends (finished, failed or checkpointed after
+# USR1) the servers have been told to exit (or lost their trainer) and normally end on their own;
+# the rollout step gets ROLLOUT_EXIT_GRACE_S for that, then SIGTERM. If the rollout step fails first,
+# training is stopped (SIGTERM: it checkpoints) and the job fails. ROLLOUT_CMD overrides the
+# rollout command (default: TRAIN_CMD).
 #
 #SBATCH --job-name=grpo-disagg
 #SBATCH --nodes=8
@@ -69,6 +74,10 @@ GRPO_TRANSFER_ADDR=${TRAIN_HOSTS[0]}
 GRPO_TRANSFER_PORT=$([[ $base == PORT_BASE ]] && echo "PORT_BASE+2" || echo $((base + 2)))
 export ROLLOUT_NODES TRAIN_NODES GRPO_ROLLOUT_HOSTS GRPO_TRAIN_HOSTS GRPO_ROLLOUT_WORLD_SIZE GRPO_TRAIN_WORLD_SIZE \
     GRPO_TRANSFER_ADDR GRPO_TRANSFER_PORT
+if [[ -z ${GRPO_TRANSFER_AUTHKEY:-} && -r /dev/urandom ]]; then  # both steps inherit it (--export=ALL,...)
+    GRPO_TRANSFER_AUTHKEY=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+    export GRPO_TRANSFER_AUTHKEY
+fi
 
 _port() { if [[ $base == PORT_BASE ]]; then echo "PORT_BASE+$1"; else echo $((base + $1)); fi; }
 grpo_srun_cmd "$ROLLOUT_NODES" "$GRPO_ROLLOUT_HOSTS" \
@@ -131,7 +140,13 @@ done
 grpo_wait "$train_pid"
 rc=$?
 if [[ -z $rollout_rc ]]; then  # the expected order: training is over, the rollout servers go
-    grpo_log "training step ended (exit $rc): stopping the rollout step"
+    for ((i = 0; i < ${ROLLOUT_EXIT_GRACE_S:-30}; i++)); do  # they exit by themselves once the trainer is gone
+        kill -0 "$rollout_pid" 2>/dev/null || break
+        sleep 1
+    done
+    if kill -0 "$rollout_pid" 2>/dev/null; then
+        grpo_log "training step ended (exit $rc): stopping the rollout step"
+    fi
     kill -s TERM "$rollout_pid" 2>/dev/null || true
     for ((i = 0; i < ${ROLLOUT_STOP_TIMEOUT_S:-60}; i++)); do
         kill -0 "$rollout_pid" 2>/dev/null || break

@@ -126,9 +126,9 @@ def _read_until(proc, text: str, timeout: float) -> str:
 
 
 def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
-    """A wrong host name, nothing listening, a bad TP shape, SIGTERM while waiting, and a trainer whose
-    GRPO_TRANSFER_ADDR is not its own: each ends in seconds with one `error:` line (or exit 0 for the
-    signal). All run at once."""
+    """A wrong host name, nothing listening, a bad TP shape, a colocated config, SIGTERM while waiting,
+    a trainer whose GRPO_TRANSFER_ADDR is not its own, and a server whose engine settings differ from
+    its trainer's: each ends with one `error:` line (exit 0 for the signal). All run at once."""
     not_yet = [f"model.path={tmp_path / 'model-made-by-the-trainer'}", assets[1]]  # server connects before vLLM
     common = ["rollout.placement=disaggregated", *COMMON]
     t0 = time.monotonic()
@@ -139,18 +139,24 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         "colocated": _server_alone(tmp_path, "d", *assets, *COMMON),
         "sigterm": _server_alone(tmp_path, "e", *not_yet, *common, "parallel.timeout_s=120"),
     }
-    trainer_cmd = train_cmd(*assets, *common, f"trainer.output_dir={tmp_path / 'trainer'}")
-    trainer = subprocess.Popen(trainer_cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=_role_env("train", free_port(), GRPO_TRANSFER_ADDR="192.0.2.1"),
-                               start_new_session=True)
+    mismatch_port = free_port()
+    procs["mismatch server"] = _server_alone(tmp_path, "f", *assets, *common, "rollout.kv_cache_memory_mb=32",
+                                             port=mismatch_port)
+    trainers = {
+        "trainer": _role_env("train", free_port(), GRPO_TRANSFER_ADDR="192.0.2.1"),  # not this machine's address
+        "mismatch trainer": _role_env("train", mismatch_port, GRPO_ROLLOUT_WORLD_SIZE=1),
+    }
+    for name, trainer_env in trainers.items():
+        procs[name] = subprocess.Popen(train_cmd(*assets, *common, f"trainer.output_dir={tmp_path / name}"),
+                                       cwd=REPO, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, start_new_session=True)
     try:
         seen = _read_until(procs["sigterm"], "connecting to the trainer", timeout=120)
         procs["sigterm"].send_signal(signal.SIGTERM)  # while it retries its connection
-        results = {name: (p.wait(timeout=120), *p.communicate()) for name, p in procs.items()}
+        results = {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
         results["sigterm"] = (results["sigterm"][0], seen + results["sigterm"][1], results["sigterm"][2])
-        results["trainer"] = (trainer.wait(timeout=300), *trainer.communicate())
     finally:
-        for p in [*procs.values(), trainer]:
+        for p in procs.values():
             if p.poll() is None:
                 kill_tree(p.pid)
     print(f"all done in {time.monotonic() - t0:.1f} s")
@@ -160,6 +166,10 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         "tp split": "rollout.tp=2 does not fit the rollout nodes' 3 ranks (LOCAL_WORLD_SIZE)",
         "colocated": "GRPO_ROLE=rollout needs rollout.placement=disaggregated",
         "trainer": "cannot listen for rollout servers at 192.0.2.1:",
+        # both steps must run the same engine settings: the trainer and the server each say so in one line
+        "mismatch trainer": "engine settings differ from the trainer's (kv_cache_memory_bytes: trainer 67108864, "
+                            "server 33554432)",
+        "mismatch server": "the trainer refused this rollout server: rollout server 0 (rank 0 on",
     }
     for name, text in expected.items():
         rc, out, err = results[name]

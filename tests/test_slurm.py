@@ -8,8 +8,9 @@ fails, never skips, when that is impossible). The batch scripts run unchanged.
   that checkpoints, and USR1 mid-run -> checkpoint -> requeue -> resume -> completion.
   Where each rank ran comes from `GRPO_RANK_INFO=1` (slurm/launch_rank.sh prints one line per rank
   just before it `exec`s the trainer; srun `--label` prefixes it with the task id).
-* A failing rank and the disaggregated node split's environment contract run on a stand-in per-rank
-  command (`false`, tests/slurm/payload.py): they test the scripts, not the trainer, in seconds.
+* The disaggregated node split (slurm/grpo_disaggregated.sh) runs the real programs too: a vLLM rollout
+  server (GRPO_ROLE=rollout) on node1 feeding the trainer on node2.
+* A failing rank runs on a stand-in per-rank command (`false`): it tests the script, in seconds.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +28,6 @@ import pytest
 from tests.slurm import cluster as slurm_cluster
 
 REPO = Path(__file__).resolve().parent.parent
-PAYLOAD_CMD = f"{sys.executable} {REPO / 'tests' / 'slurm' / 'payload.py'}"  # stand-in for the script tests
 CONFIG = "configs/grpo_tiny_cpu.yaml"
 # Small and fast: 2 ranks x (start-up ~1 min + ~1-2 s per step) on 2 shared cores.
 TRAINER_OVERRIDES = ("trainer.eval_steps=0 trainer.export_at_end=false checkpoint.save_steps=2 "
@@ -84,10 +83,6 @@ def _job_env(c, out: Path, **extra) -> dict:
     return env
 
 
-def _payload_env(c, out: Path, **extra) -> dict:
-    return _job_env(c, out, TRAIN_CMD=PAYLOAD_CMD, PAYLOAD_STEP_SECONDS="0.2", **extra)
-
-
 def _log(out: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(out.glob("*.out")))
 
@@ -99,12 +94,6 @@ def _jsonl(path: Path) -> list[dict]:
 def _steps(run: Path) -> list[int]:
     path = run / "metrics.jsonl"
     return [r["step"] for r in _jsonl(path)] if path.is_file() else []
-
-
-def _ranks(run: Path, restart: int = 0) -> list[dict]:
-    """Payload runs: what each rank recorded about itself."""
-    return sorted((json.loads(p.read_text()) for p in (run / "ranks").glob(f"restart{restart}_rank*.json")),
-                  key=lambda r: r["rank"])
 
 
 RANK_LINE = re.compile(r"^(\d+): \[grpo-rank\] rank (\d+)/(\d+) local (\d+) node (\d+) on (\S+) "
@@ -229,19 +218,30 @@ def test_failed_rank_fails_the_job(cluster, tmp_path):
     assert "done: exit status 1" in _log(tmp_path)
 
 
-def test_disaggregated_split_roles_and_rendezvous(cluster, tmp_path):
-    """Node split: node1 runs the rollout world, node2 the training world; they meet at the transfer port."""
-    env = _payload_env(cluster, tmp_path, ROLLOUT_NODES=1, OVERRIDES="trainer.max_steps=4 checkpoint.save_steps=0")
+def test_disaggregated_node_split_real_trainer_and_rollout_server(cluster, assets, tmp_path):
+    """The node split with the real programs: node1 runs the rollout step (a vLLM rollout server,
+    GRPO_ROLE=rollout), node2 the training step (GRPO_ROLE=train); the trainer's rank 0 listens at
+    GRPO_TRANSFER_ADDR:PORT (node2), the server connects, generates every rollout and takes every
+    weight update; the job checkpoints, the server exits 0 when training ends."""
+    env = _job_env(cluster, tmp_path, ROLLOUT_NODES=1,
+                   OVERRIDES=f"{assets} {TRAINER_OVERRIDES} trainer.max_steps=2")
+    t0 = time.monotonic()
     r = subprocess.run([str(REPO / "slurm" / "submit.sh"), "--script", str(REPO / "slurm" / "grpo_disaggregated.sh"),
-                        "--wait"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                        "--wait"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    print(f"job took {time.monotonic() - t0:.1f} s")
     log = _log(tmp_path)
     assert r.returncode == 0, f"{r.stdout}{r.stderr}\n{log}\n{cluster.log_tail()}"
+    # two worlds of one rank each: rollout on node1, training on node2, each with its own master
+    assert sorted(_placement(log)) == [(0, 0, 0, 1, "node1", "node1"), (0, 0, 0, 1, "node2", "node2")], log
+    assert "GRPO_ROLE=rollout,MASTER_ADDR=node1" in log and "GRPO_ROLE=train,MASTER_ADDR=node2" in log, log
+    assert "transfer node2:" in log and "rollout.placement=disaggregated" in log
+    # the trainer (node2) was fed by the server on node1, which ran the real vLLM engine
+    assert "0: [megatron-grpo] 1 rollout replica(s) ready" in log and "replica 0 on node1 (rollout rank 0)" in log, log
+    assert "0: [megatron-grpo rollout 0] vLLM engine up" in log and "replica 0 of 1" in log, log
+    assert "0: [megatron-grpo] layout tp=1 pp=1 dp=1" in log, log
     run = tmp_path / "run"
-    train, rollout = _ranks(run), _ranks(run / "rollout")
-    assert [(x["role"], x["slurmd_nodename"], x["rank"], x["world_size"]) for x in train] == [("train", "node2", 0, 1)]
-    assert [(x["role"], x["slurmd_nodename"], x["rank"], x["world_size"]) for x in rollout] == \
-        [("rollout", "node1", 0, 1)]
-    assert train[0]["master"] != rollout[0]["master"]  # two separate worlds
-    assert json.loads((run / "transfer.json").read_text()) == {"role": "train", "train": "node2", "rollout": "node1"}
-    assert (run / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
-    assert "rollout.placement=disaggregated" in log and "rollout step exit" in log
+    assert _steps(run) == [1, 2], log
+    assert _complete(run) == ["step_00000002"]
+    # training ended, then the server left cleanly (told by the trainer) and the job succeeded
+    assert "[megatron-grpo rollout 0] shutdown by the trainer: exiting" in log, log
+    assert "rollout step exit 0" in log and "done: exit status 0" in log, log

@@ -65,12 +65,14 @@ class _Server:
         try:
             if timeout_s is not None and not self.conn.poll(timeout_s):
                 raise RolloutServerError(f"{self} did not answer within {timeout_s:.0f} s")
-            status, value = self.conn.recv()
+            status, *value = self.conn.recv()
         except (EOFError, OSError):
             raise RolloutServerError(f"{self} disconnected (did its process die? see the rollout step's log)") from None
-        if status != "ok":
-            raise RolloutServerError(f"{self}: {value}")
-        return value
+        if status == "ok":
+            return value[0]
+        kind, text = value
+        # a bad input on the server (config mismatch, ...) is reported like the trainer's own: one line
+        raise (ValueError if kind == "input" else RolloutServerError)(f"{self}: {text}")
 
 
 class RemoteEngine(DriverOwnedEngine):
@@ -246,13 +248,16 @@ class RemoteEngine(DriverOwnedEngine):
         return self._from_driver(lambda: [int(p) for per in self._call_all("worker_pids") for p in per])
 
     def shutdown(self) -> None:
-        """Stop the servers (they exit 0) and drop the transfer group; never raises."""
+        """Stop the servers and wait until their engines are down and they hang up (so the rollout
+        step ends before the training step: the batch script then sees it exit 0); never raises."""
         for s in self.servers:
             with contextlib.suppress(Exception):
                 s.send("shutdown")
         for s in self.servers:
             with contextlib.suppress(Exception):
-                s.reply(timeout_s=60)
+                s.reply(timeout_s=120)
+                if s.conn.poll(30):
+                    s.conn.recv()  # EOFError: the server closed its end
             with contextlib.suppress(Exception):
                 s.conn.close()
         if self._group is not None:

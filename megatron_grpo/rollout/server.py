@@ -27,6 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from megatron_grpo.errors import INPUT_ERRORS
 from megatron_grpo.rollout import control
 
 
@@ -173,9 +174,7 @@ def _serve(conn, replica: _Replica) -> str:
             cmd, *args = conn.recv()
         except (EOFError, OSError):
             return "the trainer disconnected"
-        if cmd == "shutdown":
-            with contextlib.suppress(OSError):
-                conn.send(("ok", None))
+        if cmd == "shutdown":  # answered once the engine is down: the trainer's step outlives this one
             return "shutdown by the trainer"
         if cmd == "error":  # the trainer refused this server (e.g. a config mismatch): its reason, verbatim
             raise ValueError(f"the trainer refused this rollout server: {args[0]}")
@@ -185,14 +184,15 @@ def _serve(conn, replica: _Replica) -> str:
             reply = ("ok", getattr(replica, cmd)(*args))
         except Exception as e:  # reported to the trainer, which raises it; the server keeps serving
             text = str(e).strip()
-            reply = ("error", f"{type(e).__name__}: {text.splitlines()[0] if text else ''}")
+            kind = "input" if isinstance(e, INPUT_ERRORS) else "runtime"
+            reply = ("error", kind, f"{type(e).__name__}: {text.splitlines()[0] if text else ''}")
         try:
             conn.send(reply)
         except OSError:
             return "the trainer disconnected"
 
 
-def _follow_leader(rank: int, leader: int, timeout_s: float, signals: _Signals) -> int:
+def _follow_leader(leader: int, timeout_s: float) -> int:
     """A non-leading rank of a TP group: its leader's engine uses this rank's GPU; stay until the
     leader is done (a key in the rollout world's store), the store is gone, or SIGTERM."""
     import torch.distributed as dist
@@ -242,7 +242,7 @@ def _run(cfg: DictConfig, signals: _Signals) -> int:
     store = None
     if tp > 1 and world > 1:  # the TP group's other ranks wait on the rollout world's store
         if rank % tp:
-            return _follow_leader(rank, rank - rank % tp, timeout_s, signals)
+            return _follow_leader(rank - rank % tp, timeout_s)
         import torch.distributed as dist
         from datetime import timedelta
 
@@ -266,6 +266,8 @@ def _run(cfg: DictConfig, signals: _Signals) -> int:
         signals.interruptible = False
         replica.close()
         if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.send(("ok", None))  # the trainer waits for this (shutdown) or has gone
             conn.close()
         if store is not None:
             with contextlib.suppress(Exception):
