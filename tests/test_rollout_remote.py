@@ -83,16 +83,17 @@ def _rows(out):
 
 def test_rollout_servers_feed_the_trainer_like_colocated_vllm(assets, tmp_path):
     """Per-step rewards, loss and lengths of a 2-rank trainer fed by rollout servers equal those of
-    the same run with vLLM colocated in the 2 training ranks (2 replicas), bit for bit: with one
-    server (weights over the transfer process group) and with two servers (2 replicas, weights
-    through rollout.weights_path). Every server exits 0 when training ends."""
+    the same run with vLLM colocated in the 2 training ranks (2 replicas), bit for bit: with two
+    servers (2 replicas; one transfer process group of the driver and both engines' workers) and with
+    one server (1 replica, weights through rollout.weights_path). Every server exits 0 when training
+    ends."""
     common = [*assets, *COMMON]
     colocated = tmp_path / "colocated"
     _ok(run_train(*common, f"trainer.output_dir={colocated}", nproc=2))
     expected = _rows(colocated)
     assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
 
-    runs = {"pg-1-server": (1, []), "fs-2-servers": (2, [f"rollout.weights_path={tmp_path / 'weights'}"])}
+    runs = {"pg-2-servers": (2, []), "fs-1-server": (1, [f"rollout.weights_path={tmp_path / 'weights'}"])}
     for name, (servers, extra) in runs.items():
         out = tmp_path / name
         trainer, server_results, seconds = _remote_run(
