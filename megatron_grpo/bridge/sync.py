@@ -11,8 +11,9 @@ Per bucket (see ``plan.py`` for how buckets are cut), on the ranks that take par
    and fc1 (views), strip vocab padding, drop the tied output copy;
 3. **PP move**: when the engine on other stages' ranks needs the bucket, the owner packs it into
    one flat buffer and the other stages read it (colocated: every rank hosts a vLLM worker, and the
-   pipeline group links exactly one rank of each stage with the same (dp, tp) coordinates; in place
-   from the owner's shared-memory slot on one host, a broadcast otherwise), or sends it
+   pipeline group links exactly one rank of each stage with the same (dp, tp) coordinates; on one
+   host every stage writes one of its buckets into its shared-memory slot per round, all stages at
+   once, and the others read it in place; a broadcast otherwise), or sends it
    point-to-point to the driver rank (disaggregated). The HF layout metadata travels once, on the
    first sync, and is cached;
 4. **feed**: ``engine.load_bucket`` hands the items to vLLM inside one weight-update session
@@ -252,23 +253,31 @@ class WeightBridge:
     def _for_vllm(items):
         return [(it.name, it.materialize()) if isinstance(it, Slot) else it for it in items]
 
-    def _pp_move_shm(self, bucket: Bucket, items):
-        shm, owner = self._pp_shm, self.pp_rank == bucket.stage
-        shm.barrier()  # readers of the previous bucket are done with the owner's slot
-        meta = self._pack(items, out=shm.mine())[1] if owner else self._meta.get(bucket.index)
-        if bucket.index not in self._meta:
-            obj = [meta]
-            dist.broadcast_object_list(obj, src=self.pp_ranks[bucket.stage], group=self.pp_group)
-            meta = self._meta[bucket.index] = obj[0]
-        shm.barrier()  # the owner's slot is written
-        if owner:
-            return items
-        # read in place: the (in-process) engine is done with it before the owner rewrites the slot
-        return self._unpack(shm.slots[bucket.stage][:meta[0].nbytes], meta)
+    def _rounds(self) -> list[list[Bucket]]:
+        """Buckets grouped into the rounds of a sync. Through shared memory every stage moves one of
+        its buckets per round, all stages at once (no stage idles while another writes its slot);
+        otherwise one bucket per round."""
+        if self._pp_shm is None:
+            return [[b] for b in self.buckets]
+        per_stage = [[b for b in self.buckets if b.stage == s] for s in range(self.pp)]
+        return [[lst[k] for lst in per_stage if k < len(lst)] for k in range(max(map(len, per_stage)))]
+
+    def _pp_move_shm(self, rnd: list[Bucket], items) -> list:
+        """One round: each stage's owner writes its bucket into its own slot; every rank then reads the
+        others' in place (the in-process engine is done with them before the next round rewrites them)."""
+        shm = self._pp_shm
+        shm.barrier()  # every rank is done with the previous round's slots
+        meta = self._pack(items, out=shm.mine())[1] if items is not None else None
+        for b in rnd:  # layout metadata travels once per bucket, from its owner
+            if b.index not in self._meta:
+                obj = [meta if b.stage == self.pp_rank else None]
+                dist.broadcast_object_list(obj, src=self.pp_ranks[b.stage], group=self.pp_group)
+                self._meta[b.index] = obj[0]
+        shm.barrier()  # every owner's slot is written
+        return [items if b.stage == self.pp_rank else
+                self._unpack(shm.slots[b.stage][:self._meta[b.index][0].nbytes], self._meta[b.index]) for b in rnd]
 
     def _pp_move_broadcast(self, bucket: Bucket, items):
-        if self._pp_shm is not None:
-            return self._pp_move_shm(bucket, items)
         src = self.pp_ranks[bucket.stage]
         owner = self.pp_rank == bucket.stage
         buf, meta = self._pack(items) if owner else (None, self._meta.get(bucket.index))
@@ -324,22 +333,28 @@ class WeightBridge:
             self.engine.begin_weight_update()
             transient = self._tp_full is not None or self._pp_shm is not None  # items may view shared buffers
             if self.active:
-                for bucket in self.buckets:
+                for rnd in self._rounds():
                     t0 = time.perf_counter()
-                    hf = self._gather_convert(bucket) if self.pp_rank == bucket.stage else None
+                    mine = next((b for b in rnd if b.stage == self.pp_rank), None)
+                    hf = self._gather_convert(mine) if mine is not None else None
                     t1 = time.perf_counter()
-                    if self.pp > 1:
-                        hf = (self._pp_move_broadcast(bucket, hf) if self.placement == "colocated"
-                              else self._pp_move_to_driver(bucket, hf))
+                    if self._pp_shm is not None:
+                        per_bucket = self._pp_move_shm(rnd, hf)
+                    elif self.pp > 1:
+                        per_bucket = [self._pp_move_broadcast(rnd[0], hf) if self.placement == "colocated"
+                                      else self._pp_move_to_driver(rnd[0], hf)]
+                    else:
+                        per_bucket = [hf]
                     t2 = time.perf_counter()
                     if self.is_target:
-                        # real bytes moved (a Slot carries only this rank's slice)
-                        nbytes += sum((it.data if isinstance(it, Slot) else it[1]).nbytes for it in hf)
-                        if self._in_process:
-                            self.engine.load_bucket(hf, transient=transient)
-                        else:
-                            self.engine.load_bucket(self._for_vllm(hf))
-                    del hf
+                        for items in per_bucket:
+                            # real bytes moved (a Slot carries only this rank's slice)
+                            nbytes += sum((it.data if isinstance(it, Slot) else it[1]).nbytes for it in items)
+                            if self._in_process:
+                                self.engine.load_bucket(items, transient=transient)
+                            else:
+                                self.engine.load_bucket(self._for_vllm(items))
+                    del hf, per_bucket
                     t3 = time.perf_counter()
                     phases["gather_convert"] += t1 - t0
                     phases["pp_move"] += t2 - t1
