@@ -66,3 +66,14 @@ def kill_tree(root_pid: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def prepare_tiny_assets(root: Path) -> list[str]:
+    """Synthetic data + the warm-started tiny model under ``root``, made through the trainer's own
+    asset step; returns the ``model.path`` / ``data.path`` overrides that point a run at them."""
+    from megatron_grpo.config import load_config
+    from megatron_grpo.trainer.assets import prepare_assets
+
+    overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}"]
+    prepare_assets(load_config(CONFIG, [*overrides, f"trainer.output_dir={root / 'unused'}"]))
+    return overrides

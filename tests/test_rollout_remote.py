@@ -22,18 +22,6 @@ COMMON = ("trainer.eval_steps=0", "checkpoint.save_steps=0", "trainer.export_at_
 KEYS = ("reward/mean", "train/loss", "completion/length_mean", "reward/std")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Data + warm-started tiny model, made once through the trainer's own asset step."""
-    from megatron_grpo.config import load_config
-    from megatron_grpo.trainer.assets import prepare_assets
-
-    root = tmp_path_factory.mktemp("assets")
-    overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", f"trainer.output_dir={root / 'x'}"]
-    prepare_assets(load_config(REPO / "configs" / "grpo_tiny_cpu.yaml", overrides))
-    return overrides[:2]
-
-
 def _role_env(role: str, port: int, **extra) -> dict:
     e = env()
     e.update(GRPO_ROLE=role, GRPO_TRANSFER_ADDR="127.0.0.1", GRPO_TRANSFER_PORT=str(port))

@@ -60,18 +60,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> str:
-    """The tiny model (warm-started) and synthetic data, made once through the trainer's own asset step,
-    on the filesystem both "nodes" share; returned as overrides for the jobs."""
-    from megatron_grpo.config import load_config
-    from megatron_grpo.trainer.assets import prepare_assets
-
-    root = tmp_path_factory.mktemp("slurm-assets")
-    overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}"]
-    t0 = time.monotonic()
-    prepare_assets(load_config(REPO / CONFIG, [*overrides, f"trainer.output_dir={root / 'unused'}"]))
-    print(f"trainer assets made in {time.monotonic() - t0:.1f} s")
-    return " ".join(overrides)
+def asset_overrides(assets) -> str:
+    """The shared tiny model and data (tests/conftest.py; on the filesystem both "nodes" share) as job overrides."""
+    return " ".join(assets)
 
 
 def _job_env(c, out: Path, **extra) -> dict:
@@ -132,10 +123,10 @@ def _complete(run: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "COMPLETE").is_file()) if root.is_dir() else []
 
 
-def test_sbatch_two_nodes_real_trainer_checkpoints(cluster, assets, tmp_path):
+def test_sbatch_two_nodes_real_trainer_checkpoints(cluster, asset_overrides, tmp_path):
     """Plain `sbatch --wait` of the unchanged script (command-line flags override the #SBATCH 8-node
     defaults) running the real trainer: one rank per node, DP=2 across them, checkpoints written."""
-    env = _job_env(cluster, tmp_path, OVERRIDES=f"{assets} {TRAINER_OVERRIDES} trainer.max_steps=4")
+    env = _job_env(cluster, tmp_path, OVERRIDES=f"{asset_overrides} {TRAINER_OVERRIDES} trainer.max_steps=4")
     del env["NODES"], env["GPUS_PER_NODE"]  # the script must take the shape from the allocation
     t0 = time.monotonic()
     r = subprocess.run(["sbatch", "--wait", "--nodes=2", "--gpus-per-node=1", "--time=30",
@@ -158,12 +149,12 @@ def test_sbatch_two_nodes_real_trainer_checkpoints(cluster, assets, tmp_path):
     assert "done: exit status 0" in log
 
 
-def test_usr1_checkpoints_requeues_and_resumes_real_trainer(cluster, assets, tmp_path):
+def test_usr1_checkpoints_requeues_and_resumes_real_trainer(cluster, asset_overrides, tmp_path):
     """Signal the batch shell exactly as --signal=B:USR1@N does near the time limit, after step 2: the
     trainer finishes its step, checkpoints and exits 0, the script requeues the job, and the second run
     resumes from that checkpoint and completes; every step is in metrics.jsonl exactly once."""
     max_steps = 6
-    env = _job_env(cluster, tmp_path, OVERRIDES=f"{assets} {TRAINER_OVERRIDES} trainer.max_steps={max_steps}")
+    env = _job_env(cluster, tmp_path, OVERRIDES=f"{asset_overrides} {TRAINER_OVERRIDES} trainer.max_steps={max_steps}")
     run = tmp_path / "run"
     t0 = time.monotonic()
     p = subprocess.Popen([str(REPO / "slurm" / "submit.sh"), "--wait", "--parsable"], cwd=tmp_path, env=env,
@@ -218,13 +209,13 @@ def test_failed_rank_fails_the_job(cluster, tmp_path):
     assert "done: exit status 1" in _log(tmp_path)
 
 
-def test_disaggregated_node_split_real_trainer_and_rollout_server(cluster, assets, tmp_path):
+def test_disaggregated_node_split_real_trainer_and_rollout_server(cluster, asset_overrides, tmp_path):
     """The node split with the real programs: node1 runs the rollout step (a vLLM rollout server,
     GRPO_ROLE=rollout), node2 the training step (GRPO_ROLE=train); the trainer's rank 0 listens at
     GRPO_TRANSFER_ADDR:PORT (node2), the server connects, generates every rollout and takes every
     weight update; the job checkpoints, the server exits 0 when training ends."""
     env = _job_env(cluster, tmp_path, ROLLOUT_NODES=1,
-                   OVERRIDES=f"{assets} {TRAINER_OVERRIDES} trainer.max_steps=2")
+                   OVERRIDES=f"{asset_overrides} {TRAINER_OVERRIDES} trainer.max_steps=2")
     t0 = time.monotonic()
     r = subprocess.run([str(REPO / "slurm" / "submit.sh"), "--script", str(REPO / "slurm" / "grpo_disaggregated.sh"),
                         "--wait"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)

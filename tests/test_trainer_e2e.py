@@ -19,18 +19,6 @@ from tests.e2e import REPO, descendants, env, kill_tree, metrics, run_train, tra
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Data + warm-started tiny model, made once through the trainer's own asset step."""
-    from megatron_grpo.config import load_config
-    from megatron_grpo.trainer.assets import prepare_assets
-
-    root = tmp_path_factory.mktemp("assets")
-    overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}", f"trainer.output_dir={root / 'x'}"]
-    prepare_assets(load_config(REPO / "configs" / "grpo_tiny_cpu.yaml", overrides))
-    return overrides[:2]
-
-
 def _ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout tail:\n{proc.stdout[-4000:]}\nstderr tail:\n{proc.stderr[-4000:]}"
 
