@@ -6,6 +6,7 @@ weight sync) on the tiny CPU config; runs are grouped so the file stays within a
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -198,3 +199,35 @@ def test_algorithm_options_run_through_the_trainer(assets, tmp_path, options):
         assert rows[0]["train/kl_loss"] > 0.0
         assert rows[0]["train/num_microbatches"] >= 1 and "dynamic_sampling/batches" in rows[0]
         assert "train/is_weight" in rows[0]
+
+
+def test_usr1_to_every_process_checkpoints_a_disaggregated_run(assets, tmp_path):
+    """Slurm signals every process of a job step: vLLM's own processes (in-job disaggregated engine)
+    must survive SIGUSR1 so the trainer can finish its step, checkpoint and exit 0."""
+    out = tmp_path / "run"
+    cmd = train_cmd(*assets, "rollout.placement=disaggregated", "trainer.max_steps=40", "trainer.eval_steps=0",
+                    "checkpoint.save_steps=0", "trainer.export_at_end=false", f"trainer.output_dir={out}")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        engine_pids = descendants(proc.pid)
+        assert engine_pids, "the disaggregated engine runs in processes of its own"
+        for pid in [proc.pid, *engine_pids]:  # what Slurm's --signal / scancel -s USR1 does to a step
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    assert proc.returncode == 0, log[-3000:]
+    saved = re.search(r"preemption signal \S+: checkpoint of step (\d+) saved", log)
+    assert saved, log[-3000:]
+    step = int(saved.group(1))
+    assert 2 <= step < 40 and (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file(), step
