@@ -29,10 +29,10 @@ def _role_env(role: str, port: int, **extra) -> dict:
     return e
 
 
-def _server(rank: int, world: int, port: int, overrides, log_path):
+def _server(rank: int, world: int, port: int, overrides, log_path, **extra):
     """One rollout server, as one task of the rollout step would run it."""
     e = _role_env("rollout", port, RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world,
-                  GRPO_TRAIN_WORLD_SIZE=2)
+                  GRPO_TRAIN_WORLD_SIZE=2, **extra)
     return subprocess.Popen(train_cmd(*overrides), cwd=REPO, env=e, stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -45,10 +45,11 @@ def _trainer(port: int, rollout_world: int, overrides, timeout=600) -> subproces
     return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
 
 
-def _remote_run(tmp_path, name: str, servers: int, overrides):
-    """Start `servers` rollout servers and the 2-rank trainer; returns (trainer, [(rc, log)], seconds)."""
+def _remote_run(tmp_path, name: str, servers: int, overrides, **server_env):
+    """Start `servers` rollout ranks and the 2-rank trainer; returns (trainer, [(rc, log)], seconds)."""
     port = free_port()
-    procs = [_server(r, servers, port, overrides, tmp_path / f"{name}_server{r}.log") for r in range(servers)]
+    procs = [_server(r, servers, port, overrides, tmp_path / f"{name}_server{r}.log", **server_env)
+             for r in range(servers)]
     t0 = time.monotonic()
     try:
         trainer = _trainer(port, servers, overrides)
@@ -127,6 +128,8 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         "tp split": _server_alone(tmp_path, "c", *assets, *common, "rollout.tp=2", WORLD_SIZE=6, LOCAL_WORLD_SIZE=3),
         "colocated": _server_alone(tmp_path, "d", *assets, *COMMON),
         "sigterm": _server_alone(tmp_path, "e", *not_yet, *common, "parallel.timeout_s=120"),
+        "no rendezvous": _server_alone(tmp_path, "g", *assets, *common, "rollout.tp=2", WORLD_SIZE=2,
+                                       LOCAL_WORLD_SIZE=2, MASTER_ADDR="", MASTER_PORT=""),
     }
     mismatch_port = free_port()
     procs["mismatch server"] = _server_alone(tmp_path, "f", *assets, *common, "rollout.kv_cache_memory_mb=32",
@@ -154,6 +157,7 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         "refused": "no trainer reachable at 127.0.0.1:",
         "tp split": "rollout.tp=2 does not fit the rollout nodes' 3 ranks (LOCAL_WORLD_SIZE)",
         "colocated": "GRPO_ROLE=rollout needs rollout.placement=disaggregated",
+        "no rendezvous": "rollout.tp=2 with 2 rollout ranks needs MASTER_ADDR and MASTER_PORT",
         "trainer": "cannot listen for rollout servers at 192.0.2.1:",
         # both steps must run the same engine settings: the trainer and the server each say so in one line
         "mismatch trainer": "engine settings differ from the trainer's (kv_cache_memory_bytes: trainer 67108864, "
@@ -166,3 +170,19 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         assert rc == 2 and len(lines) == 1 and text in lines[0], (name, rc, lines, err[-3000:])
     rc, out, err = results["sigterm"]
     assert rc == 0 and not error_lines(err) and "SIGTERM before a trainer connected" in out, (rc, out, err[-3000:])
+
+
+def test_rollout_server_with_vllm_tp2_spans_two_ranks(assets, tmp_path):
+    """rollout.tp=2: rank 0 of the rollout world hosts one vLLM TP=2 engine, rank 1 waits for it; the
+    trainer's weights reach both vLLM workers (step-1 Megatron vs vLLM logprob parity) and both exit 0."""
+    overrides = [*assets, *COMMON, "rollout.placement=disaggregated", "rollout.tp=2",
+                 f"trainer.output_dir={tmp_path / 'run'}"]
+    trainer, servers, seconds = _remote_run(tmp_path, "tp2", 2, overrides, MASTER_ADDR="127.0.0.1",
+                                            MASTER_PORT=free_port())
+    print(f"tp2 server run: {seconds:.1f} s")
+    _ok(trainer)
+    assert [rc for rc, _ in servers] == [0, 0], servers
+    assert "tp 2" in servers[0][1], servers[0][1][-2000:]  # the leader's engine line
+    parity = next(line for line in trainer.stdout.splitlines() if "step-1 logprob parity" in line)
+    assert float(parity.rsplit(":", 1)[1]) <= 1e-3, parity
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, STEPS + 1))

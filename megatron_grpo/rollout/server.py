@@ -241,6 +241,10 @@ def _run(cfg: DictConfig, signals: _Signals) -> int:
     deadline = time.monotonic() + timeout_s
     store = None
     if tp > 1 and world > 1:  # the TP group's other ranks wait on the rollout world's store
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise ValueError(f"rollout.tp={tp} with {world} rollout ranks needs {' and '.join(missing)} (the rollout "
+                             "world's rendezvous; slurm/grpo_disaggregated.sh sets them)")
         if rank % tp:
             return _follow_leader(rank - rank % tp, timeout_s)
         import torch.distributed as dist
