@@ -96,12 +96,13 @@ def _adjacent_view(pieces: list[torch.Tensor]) -> torch.Tensor | None:
 class CpuDirectLoader:
     """One weight-update session's direct packing on one vLLM worker (see the module docstring).
 
+    ``enabled=False`` (``MGRPO_CPU_DIRECT_LOAD=0``) hands every item to vLLM's loaders.
     ``begin`` must run before vLLM's ``initialize_layerwise_reload`` (it marks the direct layers so
     the layerwise session leaves them alone) and ``before_finalize`` before
     ``finalize_layerwise_reload``.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, enabled: bool = True):
         from vllm.platforms import current_platform
 
         self.layers: dict[str, tuple[torch.nn.Module, str]] = {}
@@ -109,7 +110,7 @@ class CpuDirectLoader:
         self.loaded: set[str] = set()
         self.packed = 0  # layers packed from the incoming tensors this session
         # zentorch may keep a reference to the unpacked weight instead of a packed copy: not direct
-        if not current_platform.is_cpu() or current_platform.is_zen_cpu():
+        if not enabled or not current_platform.is_cpu() or current_platform.is_zen_cpu():
             return
         for name, module in model.named_modules():
             kind = _layer_kind(module)

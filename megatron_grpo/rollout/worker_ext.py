@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from megatron_grpo.rollout.cpu_direct_load import CpuDirectLoader, named_tensor, owned
+from megatron_grpo.rollout.cpu_direct_load import CpuDirectLoader
 from megatron_grpo.rollout.packing import BucketMeta, unpack_bucket
 
 
@@ -100,9 +100,8 @@ class MegatronGRPOWorkerExtension:
         if getattr(self, "_mgrpo_updating", False):
             raise RuntimeError("a weight update session is already open on this worker")
         model = self._mgrpo_model()
-        self._mgrpo_direct = CpuDirectLoader(model) if _direct_load_enabled() else None
-        if self._mgrpo_direct is not None:
-            self._mgrpo_direct.begin()
+        self._mgrpo_direct = CpuDirectLoader(model, enabled=_direct_load_enabled())
+        self._mgrpo_direct.begin()
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(model)
         self._mgrpo_updating = True
@@ -123,15 +122,11 @@ class MegatronGRPOWorkerExtension:
         items = list(weights)
         direct = self._mgrpo_direct
         with set_current_vllm_config(self.vllm_config):
-            if direct is not None:
-                rest = direct.take(items, transient=transient)
-            else:
-                rest = [owned(it) if transient else named_tensor(it) for it in items]
+            rest = direct.take(items, transient=transient)
             loaded = self._mgrpo_model().load_weights(iter(rest)) if rest else None
         if loaded:
             self._mgrpo_loaded.update(loaded)
-        if direct is not None:
-            self._mgrpo_loaded.update(direct.loaded)
+        self._mgrpo_loaded.update(direct.loaded)
         return len(items)
 
     def mgrpo_end_update(self) -> list[str]:
@@ -143,8 +138,8 @@ class MegatronGRPOWorkerExtension:
             raise RuntimeError("mgrpo_end_update without mgrpo_begin_update")
         model = self._mgrpo_model()
         direct = self._mgrpo_direct
-        incomplete = direct.before_finalize() if direct is not None else []
-        self._mgrpo_direct_packed = direct.packed if direct is not None else 0
+        incomplete = direct.before_finalize()
+        self._mgrpo_direct_packed = direct.packed
         self._mgrpo_direct = None
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
