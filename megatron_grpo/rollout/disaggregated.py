@@ -78,12 +78,16 @@ def transfer_backend(platform) -> str:
 
 def start_engine(cfg: EngineConfig, *, platform, devices: Sequence[int] | None) -> VLLMRunner:
     """A ``vllm.LLM`` whose engine core and workers run in their own processes (own torch world;
-    on CUDA the GPUs ``devices``), with the trainer's RNG streams untouched."""
+    on CUDA the GPUs ``devices``), with the trainer's RNG streams untouched. The processes start with
+    SIGTERM/SIGUSR1 blocked: Slurm signals every process of a step, and they must outlive the signal
+    until the trainer has checkpointed (or the rollout server has been shut down)."""
     from vllm import LLM
+
+    from megatron_grpo.trainer.checkpoint import PreemptionFlag
 
     backend = "mp" if cfg.tensor_parallel_size > 1 else None
     kwargs = engine_kwargs(cfg, platform=platform, executor_backend=backend)
-    with preserve_rng(), _engine_process_env(devices, cpu=not platform.cuda):
+    with PreemptionFlag.children_immune(), preserve_rng(), _engine_process_env(devices, cpu=not platform.cuda):
         runner = VLLMRunner(LLM(**kwargs), cfg)
     if not platform.cuda and cfg.tensor_parallel_size > 1:
         runner.rpc("mgrpo_unlink_cpu_shm")  # see worker_ext.unlink_vllm_cpu_shm

@@ -100,12 +100,10 @@ class _Replica:
     def start(self) -> None:
         from megatron_grpo.platform import detect
         from megatron_grpo.rollout.disaggregated import start_engine
-        from megatron_grpo.trainer.checkpoint import PreemptionFlag
 
         t0 = time.monotonic()
         self.engine_cfg = self.own_engine_config()
-        with PreemptionFlag.children_immune():  # vLLM's processes must outlive Slurm's signals to the step
-            self.runner = start_engine(self.engine_cfg, platform=detect(), devices=self.devices)
+        self.runner = start_engine(self.engine_cfg, platform=detect(), devices=self.devices)
         _log(f"vLLM engine up in {time.monotonic() - t0:.1f} s (model {self.engine_cfg.model}, "
              f"tp {self.engine_cfg.tensor_parallel_size}, devices {self.devices or 'cpu'})")
 

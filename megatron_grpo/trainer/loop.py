@@ -62,8 +62,7 @@ def run_training(cfg: DictConfig) -> int:
     if rank0:
         save_config(cfg, out_dir)
     policy = C.build_policy_stack(cfg, num_steps=num_steps)
-    with preempt.children_immune():  # a disaggregated engine's vLLM processes must outlive Slurm's signals
-        engine = C.build_engine(cfg, max_model_len=context_len)
+    engine = C.build_engine(cfg, max_model_len=context_len)
     from megatron_grpo.bridge.sync import WeightBridge
 
     bridge = WeightBridge(policy.chunks, engine, policy.info, bucket_mb=cfg.rollout.sync_bucket_mb)
