@@ -60,7 +60,7 @@ def _max_over_ranks(x: float) -> float:
 
 
 def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: float, work_dir: str,
-               trials: int = 3) -> dict:
+               trials: int = 3, pp_zero_copy: bool | None = None) -> dict:
     """Rank body (under torchrun): this rank's measurements. Each time is the max over ranks (the
     step waits for the slowest), and the min over ``trials`` (the machine is shared: noise only
     ever adds time)."""
@@ -76,7 +76,7 @@ def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: flo
                                           kv_cache_memory_bytes=32 << 20))
     model, info = build_policy(model_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    bridge = WeightBridge([model], engine, info, bucket_mb=bucket_mb)
+    bridge = WeightBridge([model], engine, info, bucket_mb=bucket_mb, pp_zero_copy=pp_zero_copy)
     bridge.sync()  # warm-up: caches bucket metadata, first-touch of every buffer
     sync_s = sync_cpu = float("inf")
     for trial in range(trials):
@@ -128,7 +128,8 @@ def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: flo
             "bytes_loaded": stats.bytes_loaded, "buckets": stats.buckets, "sync_s": sync_s, "floor_s": floor_s,
             "naive_s": naive_s, "sync_cpu_s": sync_cpu, "floor_cpu_s": floor_cpu, "naive_cpu_s": naive_cpu,
             "peak_extra_mb": peak / 2**20,
-            "bucket_mb": max(b.nbytes for b in bridge.buckets) / 2**20, "phases": stats.phase_seconds}
+            "bucket_mb": max(b.nbytes for b in bridge.buckets) / 2**20, "phases": stats.phase_seconds,
+            "pp_zero_copy": bridge.pp_zero_copy}
 
 
 def main(argv=None) -> int:
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=3, help="timed repetitions (min is reported)")
     p.add_argument("--model-dir", default=None, help="reuse a model folder (else a temporary one)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--no-pp-zero-copy", action="store_true",
+                   help="PP moves through per-round shared-memory slots instead of reading other stages in place")
     args = p.parse_args(argv)
 
     from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
         world = max(tp * pp, rtp)
         res = run_distributed("bench.sync:run_layout", world, timeout=1200,
                               kwargs={"model_dir": model_dir, "tp": tp, "pp": pp, "rollout_tp": rtp,
-                                      "bucket_mb": args.bucket_mb, "work_dir": work, "trials": args.trials})
+                                      "bucket_mb": args.bucket_mb, "work_dir": work, "trials": args.trials,
+                                      "pp_zero_copy": False if args.no_pp_zero_copy else None})
         r = dict(res[0], peak_extra_mb=max(x["peak_extra_mb"] for x in res))
         rows.append(r)
         print(f"done {layout}: sync {r['sync_s']:.3f}s", file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@ One torchrun launch per (train TP, train PP, vLLM TP) layout, two models per lau
 with qkv bias and a tiny Llama with tied embeddings). Each launch checks, per model and on every
 rank: step-0 parity, a skipped sync is detected, a sync restores parity (fp32, <= 1e-3), a second
 sync changes nothing, every vLLM parameter was loaded, rollout (processed, T=0.7) logprobs match
-Megatron's at the same temperature, and the peak extra memory stays within a few buckets.
+Megatron's at the same temperature, the peak extra memory stays within a few buckets, and parity
+holds again after later optimizer steps and after every parameter's storage was replaced.
 """
 import pytest
 
@@ -31,7 +32,7 @@ def models(tmp_path_factory):
     }
 
 
-def _check(results, names, slice_kinds=(), direct_per_layer=4):
+def _check(results, names, slice_kinds=(), direct_per_layer=4, pp_zero_copy=False):
     for rank, per_model in enumerate(results):
         assert set(per_model) == set(names)
         for name, r in per_model.items():
@@ -39,6 +40,11 @@ def _check(results, names, slice_kinds=(), direct_per_layer=4):
             assert r["step0"] <= TOL, (where, r)
             assert r["skipped_sync"] > SKIP_DETECT, (where, "optimizer steps did not move the logprobs", r)
             assert r["synced"] <= TOL, (where, r)
+            # optimizer steps after the bridge exists; then every parameter's storage replaced
+            for later in ("later", "replaced"):
+                assert r[f"skipped_sync_{later}"] > SKIP_DETECT and r[f"synced_{later}"] <= TOL, (where, later, r)
+            # PP > 1 on one host: other stages' parameters are read in place (bridge/shared_params.py)
+            assert r["pp_zero_copy"] == pp_zero_copy, (where, r)
             assert r["resync_change"] == 0.0 and r["checksum_change"] == 0.0, (where, r)
             assert r["version"] == [1, 2, 2], (where, r)
             assert r["not_loaded"] == [], (where, r)
@@ -57,19 +63,21 @@ def _check(results, names, slice_kinds=(), direct_per_layer=4):
 @pytest.mark.parametrize("tp,pp,rollout_tp", [(1, 1, 1), (2, 1, 2), (2, 1, 1), (1, 2, 1), (2, 2, 2)])
 def test_sync_parity_after_optimizer_steps(models, tp, pp, rollout_tp):
     names = ["qwen2", "llama_tied"]
+    # qwen2 with the distributed optimizer (parameters are views of one DDP buffer), llama without
     results = run_distributed("tests.dist.bridge_bodies:parity", tp * pp,
                               kwargs={"models": [models[n] for n in names], "tp": tp, "pp": pp,
-                                      "rollout_tp": rollout_tp, "generate": True})
+                                      "rollout_tp": rollout_tp, "generate": True, "dist_opt": (True, False)})
     # train TP == vLLM TP: every sharded kind skips the TP gather (each rank feeds its own slice)
-    _check(results, names, ("qkv", "fc1", "row", "vocab") if tp == rollout_tp > 1 else ())
+    _check(results, names, ("qkv", "fc1", "row", "vocab") if tp == rollout_tp > 1 else (), pp_zero_copy=pp > 1)
 
 
 def test_sync_vllm_tp_larger_than_kv_heads_and_padded_vocab(models):
-    """1 KV head at vLLM TP=2; and a vocab vLLM pads (trainer PP=2: buckets arrive by PP move)."""
+    """1 KV head at vLLM TP=2; and a vocab vLLM pads (trainer PP=2: buckets arrive by PP move, here
+    through the per-round shared-memory slots, the path where zero-copy reads do not apply)."""
     names = ["qwen2_kv1", "qwen2_v500"]
     results = run_distributed("tests.dist.bridge_bodies:parity", 2,
                               kwargs={"models": [models[n] for n in names], "tp": 1, "pp": 2, "rollout_tp": 2,
-                                      "generate": True})
+                                      "generate": True, "pp_zero_copy": False})
     # qkv_proj with replicated KV heads stays on vLLM's own loader
     _check(results, names, direct_per_layer={"qwen2_kv1": 3})
 

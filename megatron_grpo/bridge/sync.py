@@ -12,8 +12,10 @@ Per bucket (see ``plan.py`` for how buckets are cut), on the ranks that take par
 3. **PP move**: when the engine on other stages' ranks needs the bucket, the owner packs it into
    one flat buffer and the other stages read it (colocated: every rank hosts a vLLM worker, and the
    pipeline group links exactly one rank of each stage with the same (dp, tp) coordinates; on one
-   host every stage writes one of its buckets into its shared-memory slot per round, all stages at
-   once, and the others read it in place; a broadcast otherwise), or sends it
+   host the other stages' parameters are read in place, zero-copy (``shared_params.py``: every
+   rank's parameter storages live in shared memory) and each rank converts them itself; where that
+   is off, every stage writes one of its buckets into its shared-memory slot per round, all stages
+   at once, and the others read it in place; a broadcast across hosts), or sends it
    point-to-point to the driver rank (disaggregated). The HF layout metadata travels once, on the
    first sync, and is cached;
 4. **feed**: ``engine.load_bucket`` hands the items to vLLM inside one weight-update session
@@ -37,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_grpo.bridge.memory import PeakMemory
+from megatron_grpo.bridge import shared_params
 from megatron_grpo.bridge.plan import Bucket, global_entries, local_params, make_buckets
 from megatron_grpo.bridge.shm import ShmGroup, same_host
 from megatron_grpo.bridge.slices import Slot, to_slots, vocab_slot_range
@@ -68,11 +71,13 @@ class WeightBridge:
     ``transfer_dtype`` (e.g. ``torch.bfloat16``) casts before moving when the engine runs in a
     lower precision than the trainer's parameters. ``shared_memory`` (default: on for CPU tensors
     when the ranks share a host) moves TP gathers and PP moves through /dev/shm instead of gloo.
+    ``pp_zero_copy`` (default: wherever it applies, see ``shared_params.py``) reads the other pipeline
+    stages' parameters in place; False keeps the per-round shared-memory slots.
     """
 
     def __init__(self, model_chunks, engine, info: ModelInfo | None = None, *, bucket_mb: float = 256,
                  transfer_dtype: torch.dtype | None = None, measure_memory: bool = False,
-                 shared_memory: bool | None = None):
+                 shared_memory: bool | None = None, pp_zero_copy: bool | None = None):
         from megatron.core import parallel_state as ps
 
         self.chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -109,11 +114,11 @@ class WeightBridge:
         # an in-process engine (colocated) takes slots as they are and views of the bridge's own
         # shared buffers (``transient``): no copy-out of gathered or PP-moved buckets
         self._in_process = bool(getattr(engine, "in_process_worker", False))
-        self._tp_shm = self._tp_full = self._pp_shm = None
+        self._tp_shm = self._tp_full = self._pp_shm = self._shared = None
         if shared_memory is None:
             shared_memory = self._device().type == "cpu"
         if shared_memory:
-            self._setup_shm()
+            self._setup_shm(pp_zero_copy)
         self.version = 0
 
     def _scaled(self, nbytes: int, dtype: str) -> int:
@@ -122,8 +127,9 @@ class WeightBridge:
         old = torch.empty((), dtype=getattr(torch, dtype)).element_size()
         return nbytes * torch.empty((), dtype=self.transfer_dtype).element_size() // old
 
-    def _setup_shm(self) -> None:
-        """Slots sized from the plan: a bucket's TP shards / a bucket's packed HF tensors."""
+    def _setup_shm(self, pp_zero_copy: bool | None) -> None:
+        """Slots sized from the plan: a bucket's TP shards / a bucket's packed HF tensors; or, for
+        the PP moves, the parameters themselves shared (``shared_params.py``)."""
         pad = 64 * 4  # alignment slack per parameter (qkv becomes three tensors)
         if self.tp > 1:
             gathered = [[e for e in b.entries if e.kind != "replicated" and e.kind not in self.slice_kinds]
@@ -138,11 +144,39 @@ class WeightBridge:
                     self._tp_full = ShmGroup(self.tp_group, cap, shared=True)
                 else:
                     self._tp_shm = ShmGroup(self.tp_group, cap + pad)
-        if self.pp > 1 and self.placement == "colocated" and self._in_process:
+        if self.pp > 1 and self.placement == "colocated" and self._in_process and same_host(self.pp_group):
+            if self._zero_copy_ok(pp_zero_copy):
+                self._shared = shared_params.SharedParams(self.params, self.pp_group)
+                return
             cap = max(sum(self._scaled(e.full_nbytes, e.dtype) // (self.tp if e.kind in self.slice_kinds else 1) + pad
                           for e in b.entries) for b in self.buckets)
-            if same_host(self.pp_group):
-                self._pp_shm = ShmGroup(self.pp_group, cap + pad)
+            self._pp_shm = ShmGroup(self.pp_group, cap + pad)
+
+    def _zero_copy_ok(self, wanted: bool | None) -> bool:
+        """Read other stages' parameters in place? Agreed over the pipeline group (collective).
+
+        Needs torch's storage sharing, CPU parameters, no TP gather (train TP 1, or every sharded
+        kind in slice mode: a rank then reads only the shards of its own TP rank), and room in
+        /dev/shm for the parameters of every rank of the job (tmpfs fails writes with SIGBUS, not
+        an error, when full)."""
+        entries = self.entries_by_name.values()
+        ok = (wanted is not False and shared_params.available() and self._device().type == "cpu"
+              and (self.tp == 1 or all(e.kind == "replicated" or e.kind in self.slice_kinds for e in entries)))
+        if ok:
+            need = shared_params.storage_bytes(p.detach() for p in self.params.values()) * dist.get_world_size()
+            ok = shared_params.shm_free_bytes() >= need + (64 << 20)
+            if not ok:
+                log.info("bridge: /dev/shm too small to share the parameters; PP moves go through slots")
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.pp_group)
+        if wanted and not int(flag):
+            raise ValueError("pp_zero_copy=True: not possible here (needs CPU parameters on one host, torch "
+                             "storage sharing, train TP 1 or TP == vLLM TP, and room in /dev/shm)")
+        return bool(int(flag))
+
+    @property
+    def pp_zero_copy(self) -> bool:
+        return self._shared is not None
 
     def _decide_slice_mode(self) -> tuple[str, ...]:
         """Which parameter kinds skip the TP gather (see ``slices.py``); agreed on by all ranks."""
@@ -166,8 +200,8 @@ class WeightBridge:
         return tuple(k for k, f in zip(("qkv", "fc1", "row", "vocab"), flags.tolist()) if f)
 
     # -- per-bucket steps --------------------------------------------------------------------------
-    def _local_shard(self, e) -> torch.Tensor:
-        shard = self.params[e.name].detach()
+    def _local_shard(self, e, source: dict | None = None) -> torch.Tensor:
+        shard = (self.params if source is None else source)[e.name].detach()
         if self.transfer_dtype is not None and shard.dtype != self.transfer_dtype:
             shard = shard.to(self.transfer_dtype)
         return shard
@@ -206,11 +240,16 @@ class WeightBridge:
         return fulls
 
     @torch.no_grad()
-    def _gather_convert(self, bucket: Bucket) -> list:
-        """HF items of the bucket on this rank: ``(name, full tensor)`` or :class:`Slot`."""
+    def _gather_convert(self, bucket: Bucket, source: dict | None = None) -> list:
+        """HF items of the bucket on this rank: ``(name, full tensor)`` or :class:`Slot`.
+
+        ``source``: another stage's parameters, mapped in place (zero-copy PP; they never need a
+        TP gather, see :meth:`_zero_copy_ok`)."""
         convert = self.tp_rank == 0 or self.placement == "colocated"
         gathered = [e for e in bucket.entries if self.tp > 1 and e.kind != "replicated"
                     and e.kind not in self.slice_kinds]
+        if gathered and source is not None:
+            raise RuntimeError(f"bridge: {gathered[0].name} of another stage would need a TP gather")
         fulls = {}
         if gathered and self._tp_full is not None:
             fulls = self._tp_gather_inplace(gathered)
@@ -219,7 +258,7 @@ class WeightBridge:
         out = []
         for e in bucket.entries:
             if e.kind in self.slice_kinds:
-                out.extend(to_slots(self.info, e.name, e.kind, self._local_shard(e), self.tp_rank, self.tp))
+                out.extend(to_slots(self.info, e.name, e.kind, self._local_shard(e, source), self.tp_rank, self.tp))
                 continue
             if e.name in fulls:
                 full = fulls.pop(e.name)
@@ -229,7 +268,7 @@ class WeightBridge:
                 dist.all_gather(shards, shard.contiguous(), group=self.tp_group)
                 full = hm.tp_gather(e.name, shards, self.info)
             else:
-                full = self._local_shard(e)
+                full = self._local_shard(e, source)
             if convert:
                 out.extend(hm.megatron_to_hf(self.info, e.name, full))
         return out
@@ -331,14 +370,23 @@ class WeightBridge:
             meter.__enter__()
         try:
             self.engine.begin_weight_update()
-            transient = self._tp_full is not None or self._pp_shm is not None  # items may view shared buffers
+            # items may view shared buffers, or (zero-copy PP) other stages' live parameters
+            transient = self._tp_full is not None or self._pp_shm is not None or self._shared is not None
+            if self._shared is not None:
+                t0 = time.perf_counter()
+                self._shared.refresh()  # collective: every stage is past its optimizer step
+                phases["pp_move"] += time.perf_counter() - t0
             if self.active:
                 for rnd in self._rounds():
                     t0 = time.perf_counter()
                     mine = next((b for b in rnd if b.stage == self.pp_rank), None)
                     hf = self._gather_convert(mine) if mine is not None else None
                     t1 = time.perf_counter()
-                    if self._pp_shm is not None:
+                    if self._shared is not None:
+                        per_bucket = [hf if b.stage == self.pp_rank else
+                                      self._gather_convert(b, source=self._shared.remote[b.stage]) for b in rnd]
+                        t1 = t0  # converting another stage's bucket is this rank's share of the move
+                    elif self._pp_shm is not None:
                         per_bucket = self._pp_move_shm(rnd, hf)
                     elif self.pp > 1:
                         per_bucket = [self._pp_move_broadcast(rnd[0], hf) if self.placement == "colocated"
@@ -359,6 +407,8 @@ class WeightBridge:
                     phases["gather_convert"] += t1 - t0
                     phases["pp_move"] += t2 - t1
                     phases["load"] += t3 - t2
+            if self._shared is not None:
+                self._shared.barrier()  # no stage changes its parameters while another still reads them
             t0 = time.perf_counter()
             self.version = self.engine.end_weight_update(version)
             phases["finish"] = time.perf_counter() - t0

@@ -12,18 +12,24 @@ import os
 import torch
 
 
-def _train_steps(model, info, steps: int, lr: float, seed: int = 0):
-    """Real Megatron DDP + optimizer steps (CE on fixed random tokens) to move every weight."""
+def _train_steps(model, info, steps: int, lr: float, seed: int = 0, state=None, dist_opt: bool = False):
+    """Real Megatron DDP + optimizer steps (CE on fixed random tokens) to move every weight.
+
+    Returns ``(ddp, optimizer)``; pass it back as ``state`` to go on with the same optimizer.
+    ``dist_opt``: the distributed optimizer (every parameter a view of DDP's contiguous buffer)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     config = model.config
-    ddp = DistributedDataParallel(config=config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-                                  module=model)
-    config.finalize_model_grads_func = finalize_model_grads
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, clip_grad=0.0,
-                                                 params_dtype=torch.float32), [ddp])
+    if state is None:
+        ddp = DistributedDataParallel(config=config, module=model, ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt))
+        config.finalize_model_grads_func = finalize_model_grads
+        opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, clip_grad=0.0, params_dtype=torch.float32,
+                                                     use_distributed_optimizer=dist_opt), [ddp])
+    else:
+        ddp, opt = state
     seq, mbs = 16, 2
     gen = torch.Generator().manual_seed(seed)
     data = torch.randint(0, info.vocab_size, (steps, mbs, seq + 1), generator=gen)
@@ -41,7 +47,7 @@ def _train_steps(model, info, steps: int, lr: float, seed: int = 0):
                                     num_microbatches=1, seq_length=seq, micro_batch_size=mbs, forward_only=False)
         ok, _, _ = opt.step()
         assert ok
-    return ddp
+    return ddp, opt
 
 
 def _megatron_logprobs(model, info, seqs):
@@ -57,11 +63,12 @@ def _max_err(a, b) -> float:
 
 
 def parity(models: list[str], tp: int, pp: int, rollout_tp: int, steps: int = 3, bucket_mb: float = 0.25,
-           generate: bool = False) -> dict:
+           generate: bool = False, pp_zero_copy: bool | None = None, dist_opt: tuple[bool, ...] = ()) -> dict:
+    """``dist_opt[i]``: train model i with the distributed optimizer (default off)."""
     import gc
 
     from megatron_grpo.bridge import WeightBridge
-    from megatron_grpo.bridge.policy import build_policy
+    from megatron_grpo.bridge.policy import build_policy, perturb_
     from megatron_grpo.distributed.init import init_distributed
     from megatron_grpo.rollout import ColocatedEngine, EngineConfig, SamplingConfig
 
@@ -73,13 +80,15 @@ def parity(models: list[str], tp: int, pp: int, rollout_tp: int, steps: int = 3,
     # process group (EngineCore.shutdown -> cleanup_dist_env_and_memory), which the trainer still uses.
     engines = [ColocatedEngine(EngineConfig(model=m, tensor_parallel_size=rollout_tp, max_model_len=128,
                                             kv_cache_memory_bytes=16 << 20)) for m in models]
-    for model_dir, engine in zip(models, engines):
+    for i, (model_dir, engine) in enumerate(zip(models, engines)):
         model, info = build_policy(model_dir)
         r = {"step0": _max_err(_megatron_logprobs(model, info, seqs), engine.score(seqs))}
-        _train_steps(model, info, steps, lr=3e-3)
+        train_state = _train_steps(model, info, steps, lr=3e-3, dist_opt=i < len(dist_opt) and dist_opt[i])
         meg = _megatron_logprobs(model, info, seqs)
         r["skipped_sync"] = _max_err(meg, engine.score(seqs))
-        bridge = WeightBridge([model], engine, info, bucket_mb=bucket_mb, measure_memory=True)
+        bridge = WeightBridge([model], engine, info, bucket_mb=bucket_mb, measure_memory=True,
+                              pp_zero_copy=pp_zero_copy)
+        r["pp_zero_copy"] = bridge.pp_zero_copy
         stats = bridge.sync()
         after = engine.score(seqs)
         r["synced"] = _max_err(meg, after)
@@ -115,6 +124,22 @@ def parity(models: list[str], tp: int, pp: int, rollout_tp: int, steps: int = 3,
                     for i, (p, c) in enumerate(zip(batch.prompt_token_ids, batch.completion_token_ids))]
             r["rollout_logprob_err"] = max(errs)
             r["group_sizes"] = [batch.prompt_indices.count(i) for i in range(batch.num_prompts)]
+        # training goes on after the bridge exists (zero-copy PP: in the shared storages): the next
+        # sync must see those steps, and nothing reaches vLLM without one
+        _train_steps(model, info, 2, lr=3e-3, seed=1, state=train_state)
+        meg = _megatron_logprobs(model, info, seqs)
+        r["skipped_sync_later"] = _max_err(meg, engine.score(seqs))
+        bridge.sync()
+        r["synced_later"] = _max_err(meg, engine.score(seqs))
+        # a parameter whose storage is replaced (``param.data = ...``) is read from its new storage
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
+            perturb_(model, seed=7, scale=0.05)
+        meg = _megatron_logprobs(model, info, seqs)
+        r["skipped_sync_replaced"] = _max_err(meg, engine.score(seqs))
+        bridge.sync()
+        r["synced_replaced"] = _max_err(meg, engine.score(seqs))
         out[model_dir.rstrip("/").split("/")[-1]] = r
         del bridge, model
         gc.collect()
