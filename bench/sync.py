@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,6 +125,9 @@ def run_layout(model_dir: str, tp: int, pp: int, rollout_tp: int, bucket_mb: flo
         engine.reload_from_path(str(ckpt))
         naive_cpu = min(naive_cpu, _max_over_ranks(time.process_time() - c0))
         naive_s = min(naive_s, _max_over_ranks(time.perf_counter() - t0))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(ckpt, ignore_errors=True)
     return {"layout": [tp, pp, rollout_tp], "params": n_params * tp * pp if tp * pp > 1 else n_params,
             "bytes_loaded": stats.bytes_loaded, "buckets": stats.buckets, "sync_s": sync_s, "floor_s": floor_s,
             "naive_s": naive_s, "sync_cpu_s": sync_cpu, "floor_cpu_s": floor_cpu, "naive_cpu_s": naive_cpu,
@@ -147,11 +151,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-pp-zero-copy", action="store_true",
                    help="PP moves through per-round shared-memory slots instead of reading other stages in place")
     args = p.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="bench-sync-")  # the model (unless --model-dir) and the naive checkpoints
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def _run(args, work: str) -> int:
     from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
     from megatron_grpo.testing.torchrun import run_distributed
 
-    work = tempfile.mkdtemp(prefix="bench-sync-")
     model_dir = args.model_dir or str(Path(work) / "model")
     if not (Path(model_dir) / "config.json").exists():
         spec = TinyModelSpec(arch="qwen2", hidden_size=args.hidden, intermediate_size=args.ffn,

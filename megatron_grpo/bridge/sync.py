@@ -383,9 +383,9 @@ class WeightBridge:
                     hf = self._gather_convert(mine) if mine is not None else None
                     t1 = time.perf_counter()
                     if self._shared is not None:
+                        # converting another stage's bucket is this rank's share of the move
                         per_bucket = [hf if b.stage == self.pp_rank else
                                       self._gather_convert(b, source=self._shared.remote[b.stage]) for b in rnd]
-                        t1 = t0  # converting another stage's bucket is this rank's share of the move
                     elif self._pp_shm is not None:
                         per_bucket = self._pp_move_shm(rnd, hf)
                     elif self.pp > 1:
