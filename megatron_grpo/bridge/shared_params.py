@@ -117,7 +117,7 @@ class SharedParams:
                 continue
             mapped = {}
             for name, h in table.items():
-                st = storages.get(h.filename) or self._storages.get(h.filename)
+                st = storages.get(h.filename, self._storages.get(h.filename))
                 if st is None:
                     st = torch.UntypedStorage._new_shared_filename_cpu(h.manager, h.filename, h.storage_nbytes)
                 storages[h.filename] = st
