@@ -87,11 +87,45 @@ def start_engine(cfg: EngineConfig, *, platform, devices: Sequence[int] | None) 
 
     backend = "mp" if cfg.tensor_parallel_size > 1 else None
     kwargs = engine_kwargs(cfg, platform=platform, executor_backend=backend)
-    with PreemptionFlag.children_immune(), preserve_rng(), _engine_process_env(devices, cpu=not platform.cuda):
-        runner = VLLMRunner(LLM(**kwargs), cfg)
-    if not platform.cuda and cfg.tensor_parallel_size > 1:
-        runner.rpc("mgrpo_unlink_cpu_shm")  # see worker_ext.unlink_vllm_cpu_shm
+    runner = None
+    try:
+        with PreemptionFlag.children_immune(), preserve_rng(), _engine_process_env(devices, cpu=not platform.cuda):
+            runner = VLLMRunner(LLM(**kwargs), cfg)
+        runner.guard = _start_guard(runner)
+        if not platform.cuda and cfg.tensor_parallel_size > 1:
+            runner.rpc("mgrpo_unlink_cpu_shm")  # see worker_ext.unlink_vllm_cpu_shm
+    except BaseException:  # e.g. a SIGTERM handler's exception: no half-started engine is left running
+        if runner is not None:
+            stop_engine(runner)
+        raise
     return runner
+
+
+def _start_guard(runner: VLLMRunner):
+    """The engine's processes must not outlive this process, nor leave their /dev/shm files behind
+    when they are SIGKILLed together with it (see ``engine_guard``)."""
+    import subprocess
+
+    from megatron_grpo.rollout.engine_guard import EngineGuard, engine_processes
+
+    try:
+        return EngineGuard.start(engine_processes(runner.rpc("mgrpo_pid")))
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:  # a safety net: not needed to run
+        log.warning("vLLM engine started without its guard process (%s): if this process is SIGKILLed, "
+                    "the engine's processes and /dev/shm files may be left behind", e)
+        return None
+
+
+def stop_engine(runner: VLLMRunner) -> None:
+    """Shut down an engine from :func:`start_engine` (vLLM's own teardown: the engine core and its
+    workers end and remove their shared memory), then let its guard check that nothing is left."""
+    with contextlib.suppress(Exception):
+        runner.rpc("mgrpo_close_transfer_group")
+    with contextlib.suppress(Exception):
+        runner.llm.llm_engine.engine_core.shutdown()
+    guard = getattr(runner, "guard", None)
+    if guard is not None:
+        guard.release()
 
 
 def while_running(rpc, collective):
@@ -280,11 +314,8 @@ class DisaggregatedEngine(DriverOwnedEngine):
         return self._from_driver(lambda: [int(p) for p in self.runner.rpc("mgrpo_pid")])
 
     def shutdown(self) -> None:
+        if self.runner is not None:
+            stop_engine(self.runner)  # the workers leave the transfer group first
         if self._group is not None:
-            with contextlib.suppress(Exception):
-                self.runner.rpc("mgrpo_close_transfer_group")
             self._group.close()
-        if self.llm is not None:
-            with contextlib.suppress(Exception):
-                self.llm.llm_engine.engine_core.shutdown()
         self.runner = self.llm = self._group = None

@@ -156,12 +156,10 @@ class _Replica:
                 "reload_from_path", "checksum", "worker_pids")
 
     def close(self) -> None:
-        if self.runner is None:
-            return
-        with contextlib.suppress(Exception):
-            self.runner.rpc("mgrpo_close_transfer_group")
-        with contextlib.suppress(Exception):
-            self.runner.llm.llm_engine.engine_core.shutdown()
+        from megatron_grpo.rollout.disaggregated import stop_engine
+
+        if self.runner is not None:
+            stop_engine(self.runner)
         self.runner = None
 
 
