@@ -68,6 +68,60 @@ def kill_tree(root_pid: int) -> None:
             pass
 
 
+SHM = Path("/dev/shm")
+
+
+def shm_inodes(pids=None) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the /dev/shm files that these processes (None: every process) map, by
+    name or under a name already gone (glibc maps a semaphore under its temporary name)."""
+    found = set()
+    for pid in pids if pids is not None else [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]:
+        try:
+            lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].startswith(f"{SHM}/"):
+                major, minor = (int(x, 16) for x in parts[3].split(":"))
+                found.add((os.makedev(major, minor), int(parts[4])))
+    return found
+
+
+def shm_files(pids=None) -> set[str]:
+    """Names in /dev/shm of the files these processes (None: every process) map."""
+    inodes = shm_inodes(pids)
+    names = set()
+    for path in SHM.iterdir():
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in inodes:
+            names.add(path.name)
+    return names
+
+
+def leaked_shm(before: set[str]) -> list[str]:
+    """Names in /dev/shm that were not in ``before`` and that no live process maps: left behind (what
+    a killed vLLM engine leaves: its message queues ``psm_*`` and its lock ``sem.mp-*``)."""
+    new = {p.name for p in SHM.iterdir()} - before
+    return sorted(new - shm_files()) if new else []
+
+
+def alive(pids) -> list[int]:
+    """The processes among ``pids`` that still run (zombies count as gone)."""
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
 def prepare_tiny_assets(root: Path) -> list[str]:
     """Synthetic data + the warm-started tiny model under ``root``, made through the trainer's own
     asset step; returns the ``model.path`` / ``data.path`` overrides that point a run at them."""

@@ -73,6 +73,77 @@ def test_pack_unpack_roundtrip_mixed_dtypes_aligned_views():
         assert n == m and u.dtype == t.dtype and torch.equal(u, t)
 
 
+_FAKE_ENGINE_OWNER = """
+import multiprocessing as mp, os, sys, time
+from multiprocessing import shared_memory
+
+
+def engine(path):  # stands in for vLLM's engine core: a shm segment and a named semaphore of its own
+    shm = shared_memory.SharedMemory(create=True, size=1 << 20)
+    lock = mp.get_context("spawn").Lock()
+    open(path, "w").write(shm.name)
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, sys.argv[2])
+    child = mp.get_context("spawn").Process(target=engine, args=(sys.argv[1],))
+    child.start()
+    while not (os.path.exists(sys.argv[1]) and open(sys.argv[1]).read()):
+        time.sleep(0.05)
+    from megatron_grpo.rollout.engine_guard import EngineGuard
+    EngineGuard.start([child.pid])
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_engine_guard_cleans_up_after_a_killed_owner(tmp_path):
+    """An engine's owner SIGKILLed with all its processes (resource tracker included), or alone (the
+    engine runs on, orphaned): its guard SIGKILLs what is left of the engine and removes the /dev/shm
+    files the engine mapped, and nothing else (a segment of this process survives)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from multiprocessing import shared_memory
+
+    from tests.e2e import REPO, SHM, alive, descendants, kill_tree, shm_files
+
+    script = tmp_path / "owner.py"
+    script.write_text(_FAKE_ENGINE_OWNER)
+    mine = shared_memory.SharedMemory(create=True, size=4096)  # another program's file: must survive
+    owners, engines = {}, {}
+    try:
+        for how in ("tree", "alone"):
+            owners[how] = subprocess.Popen([sys.executable, str(script), str(tmp_path / how), str(REPO)],
+                                           stdout=subprocess.PIPE, text=True, start_new_session=True)
+        for how, owner in owners.items():
+            engine = int(owner.stdout.readline())
+            engines[how] = (descendants(owner.pid), shm_files([engine]))
+            assert len(engines[how][1]) == 2, engines[how]  # psm_* and sem.mp-*
+        kill_tree(owners["tree"].pid)
+        os.kill(owners["alone"].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(pids) or any((SHM / f).exists() for f in files)
+                                                  for pids, files in engines.values()):
+            time.sleep(0.2)
+        left = {how: (alive(pids), sorted(f for f in files if (SHM / f).exists()))
+                for how, (pids, files) in engines.items()}
+        assert left == {"tree": ([], []), "alone": ([], [])}, left
+        assert (SHM / mine.name).exists()
+    finally:
+        mine.close()
+        mine.unlink()
+        for how, owner in owners.items():
+            kill_tree(owner.pid)
+            for pid in alive(engines.get(how, ([], []))[0]):
+                os.kill(pid, signal.SIGKILL)
+            for f in engines.get(how, ([], []))[1]:
+                (SHM / f).unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory):
     from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model

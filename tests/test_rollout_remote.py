@@ -4,6 +4,7 @@ What slurm/grpo_disaggregated.sh runs, without Slurm: each rollout server is `me
 with GRPO_ROLE=rollout and its own RANK/WORLD_SIZE; the trainer is a 2-rank torchrun job whose rank 0
 listens at GRPO_TRANSFER_ADDR:GRPO_TRANSFER_PORT. Real vLLM, real megatron-core, real rewards.
 """
+import os
 import random
 import signal
 import socket
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from megatron_grpo.testing.torchrun import free_port
-from tests.e2e import CONFIG, REPO, env, error_lines, kill_tree, metrics, run_train, train_cmd
+from tests.e2e import (CONFIG, REPO, SHM, alive, descendants, env, error_lines, kill_tree, metrics, run_train,
+                       shm_files, train_cmd)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 
 STEPS = 3
 COMMON = ("trainer.eval_steps=0", "checkpoint.save_steps=0", "trainer.export_at_end=false",
@@ -137,7 +139,10 @@ def _read_until(proc, text: str, timeout: float) -> str:
 def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
     """A wrong host name, nothing listening, a bad TP shape, a colocated config, SIGTERM while waiting,
     a trainer whose GRPO_TRANSFER_ADDR is not its own, and a server whose engine settings differ from
-    its trainer's: each ends with one `error:` line (exit 0 for the signal). All run at once."""
+    its trainer's: each ends with one `error:` line (exit 0 for the signal). Two servers with their
+    vLLM engine up are SIGKILLed: one with all its processes (what torchrun's or a user's kill -9 of a
+    process group does), one alone (the OOM killer): neither leaves vLLM processes or /dev/shm files
+    behind (nor does anything else here: ``no_shm_leak``). All run at once."""
     not_yet = [f"model.path={tmp_path / 'model-made-by-the-trainer'}", assets[1]]  # server connects before vLLM
     common = ["rollout.placement=disaggregated", *COMMON]
     t0 = time.monotonic()
@@ -149,6 +154,8 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         "sigterm": _server_alone(tmp_path, "e", *not_yet, *common, "parallel.timeout_s=120"),
         "no rendezvous": _server_alone(tmp_path, "g", *assets, *common, "rollout.tp=2", WORLD_SIZE=2,
                                        LOCAL_WORLD_SIZE=2, MASTER_ADDR="", MASTER_PORT=""),
+        "killed": _server_alone(tmp_path, "h", *assets, *common, "parallel.timeout_s=300"),  # engine up, no trainer
+        "killed alone": _server_alone(tmp_path, "i", *assets, *common, "parallel.timeout_s=300"),
     }
     mismatch_port = free_port()
     procs["mismatch server"] = _server_alone(tmp_path, "f", *assets, *common, "rollout.kv_cache_memory_mb=32",
@@ -161,15 +168,39 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         procs[name] = subprocess.Popen(train_cmd(*assets, *common, f"trainer.output_dir={tmp_path / name}"),
                                        cwd=REPO, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True, start_new_session=True)
+    engines, left = {}, {}  # killed server -> (its processes, its /dev/shm files); what remains of them
     try:
         seen = _read_until(procs["sigterm"], "connecting to the trainer", timeout=120)
         procs["sigterm"].send_signal(signal.SIGTERM)  # while it retries its connection
+        for name in ("killed", "killed alone"):
+            _read_until(procs[name], "connecting to the trainer", timeout=300)  # its vLLM engine is up
+            pids = descendants(procs[name].pid)
+            engines[name] = (pids, shm_files(pids))
+        kill_tree(procs["killed"].pid)
+        procs["killed alone"].kill()
+        for name in engines:  # not communicate(): orphans of a killed server would hold its pipes open
+            killed = procs.pop(name)
+            killed.wait(timeout=60)
+            killed.stdout.close()
+            killed.stderr.close()
         results = {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
         results["sigterm"] = (results["sigterm"][0], seen + results["sigterm"][1], results["sigterm"][2])
+        deadline = time.monotonic() + 30
+        while True:
+            left = {name: (alive(pids), sorted(f for f in files if (SHM / f).exists()))
+                    for name, (pids, files) in engines.items()}
+            if not any(a or b for a, b in left.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     finally:
         for p in procs.values():
             if p.poll() is None:
                 kill_tree(p.pid)
+        for pids, files in engines.values():  # what a killed server left, if anything: this test cleans up
+            for pid in alive(pids):
+                os.kill(pid, signal.SIGKILL)
+            for f in files:
+                (SHM / f).unlink(missing_ok=True)
     print(f"all done in {time.monotonic() - t0:.1f} s")
     expected = {
         "bad host": "GRPO_TRANSFER_ADDR=no-such-host.invalid: cannot resolve the host name",
@@ -189,6 +220,9 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         assert rc == 2 and len(lines) == 1 and text in lines[0], (name, rc, lines, err[-3000:])
     rc, out, err = results["sigterm"]
     assert rc == 0 and not error_lines(err) and "SIGTERM before a trainer connected" in out, (rc, out, err[-3000:])
+    for name, (pids, files) in engines.items():
+        assert any(f.startswith("psm_") for f in files), (name, files)  # vLLM's message queues, seen mapped
+    assert all(v == ([], []) for v in left.values()), f"(processes still running, files still in {SHM}): {left}"
 
 
 def test_rollout_server_with_vllm_tp2_spans_two_ranks(assets, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from megatron_grpo.testing.torchrun import free_port
 from tests.e2e import REPO, descendants, env, kill_tree, metrics, run_train, train_cmd
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 
 
 def _ok(proc):
