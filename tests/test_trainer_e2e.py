@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grpo.testing.torchrun import free_port
-from tests.e2e import REPO, descendants, env, kill_tree, metrics, run_train, train_cmd
+from tests.e2e import REPO, alive, descendants, env, kill_tree, metrics, run_train, train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 
@@ -127,6 +127,13 @@ def _rank_pids(root_pid: int) -> dict[int, int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200].decode(errors="replace")
+    except OSError:
+        return "?"
+
+
 def test_lost_rank_ends_job_fast_naming_it(assets, tmp_path):
     out = tmp_path / "run"
     cmd = [os.sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--max-restarts=0",
@@ -144,6 +151,7 @@ def test_lost_rank_ends_job_fast_naming_it(assets, tmp_path):
             time.sleep(0.2)
         ranks = _rank_pids(proc.pid)
         assert sorted(ranks) == [0, 1], ranks
+        job = descendants(proc.pid)  # ranks and their helpers (reward pool, checkpoint queue, ...)
         os.kill(ranks[1], signal.SIGKILL)
         killed_at = time.monotonic()
         rc = proc.wait(timeout=120)
@@ -154,6 +162,14 @@ def test_lost_rank_ends_job_fast_naming_it(assets, tmp_path):
     text = log.read_text()
     assert rc != 0 and elapsed < 120, (rc, elapsed)
     assert "rank: 1" in text or "local_rank: 1" in text, text[-3000:]
+    # nothing of the job outlives it (helpers are immune to SIGTERM and used to stay as orphans)
+    deadline = time.monotonic() + 30
+    while alive(job) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = {p: _cmdline(p) for p in alive(job)}
+    for p in left:  # so that a failure leaves nothing running either
+        os.kill(p, signal.SIGKILL)
+    assert not left, left
 
 
 def test_disaggregated_engine_matches_colocated(assets, tmp_path):

@@ -5,6 +5,7 @@ rank; each data-parallel rank then trains on its contiguous share of the batch.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,9 +67,7 @@ def run_training(cfg: DictConfig) -> int:
     from megatron_grpo.bridge.sync import WeightBridge
 
     bridge = WeightBridge(policy.chunks, engine, policy.info, bucket_mb=cfg.rollout.sync_bucket_mb)
-    with preempt.children_immune():  # helper processes: the reward pool, dist_checkpointing's results queue
-        scorer = BatchScorer(cfg)
-        _start_checkpoint_helper()
+    scorer = _start_helpers(cfg, preempt)
     sampler = ResumablePromptSampler(len(data.train), global_batch_size=cfg.algorithm.num_prompts_per_step,
                                      seed=cfg.data.seed)
     start_step, weight_version = 0, 0
@@ -114,6 +113,28 @@ def run_training(cfg: DictConfig) -> int:
         engine.shutdown()
         destroy_distributed()
     return 0
+
+
+def _start_helpers(cfg, preempt):
+    """The reward pool and dist_checkpointing's results queue, started immune to Slurm's signals
+    (a helper killed by them breaks the final save) and watched by a guard process
+    (``rollout/engine_guard.py``): once this rank is gone, SIGKILLed included, the guard gives
+    them a few seconds and then kills them. Without it they outlived a killed rank as orphans
+    (immune to torchrun's SIGTERM, and a multiprocessing manager never notices its owner's death)."""
+    from megatron_grpo.rollout.engine_guard import EngineGuard, descendants
+    from megatron_grpo.trainer.scoring import BatchScorer
+
+    before = set(descendants(os.getpid()))
+    with preempt.children_immune():
+        scorer = BatchScorer(cfg)
+        _start_checkpoint_helper()
+    helpers = sorted(set(descendants(os.getpid())) - before)
+    if helpers:
+        try:
+            EngineGuard.start(helpers)  # never released: it acts when this process is gone
+        except (OSError, RuntimeError) as e:  # a run without the guard still trains
+            _log(f"warning: no guard for the helper processes ({e})")
+    return scorer
 
 
 def _start_checkpoint_helper() -> None:
