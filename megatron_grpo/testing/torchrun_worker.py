@@ -41,7 +41,22 @@ def main() -> int:
                 dist.destroy_process_group()
         except Exception:
             pass
+    _end_children()
     os._exit(code)
+
+
+def _end_children(timeout_s: float = 5.0) -> None:
+    """End this rank's multiprocessing children (e.g. dist_checkpointing's results-queue manager):
+    ``os._exit`` skips the finalizers that would, and they would run on as orphans."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout_s)
+        if child.is_alive():
+            child.kill()
 
 
 if __name__ == "__main__":
