@@ -104,16 +104,9 @@ def start_engine(cfg: EngineConfig, *, platform, devices: Sequence[int] | None) 
 def _start_guard(runner: VLLMRunner):
     """The engine's processes must not outlive this process, nor leave their /dev/shm files behind
     when they are SIGKILLed together with it (see ``engine_guard``)."""
-    import subprocess
+    from megatron_grpo.rollout.engine_guard import engine_processes, start_guard
 
-    from megatron_grpo.rollout.engine_guard import EngineGuard, engine_processes
-
-    try:
-        return EngineGuard.start(engine_processes(runner.rpc("mgrpo_pid")))
-    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:  # a safety net: not needed to run
-        log.warning("vLLM engine started without its guard process (%s): if this process is SIGKILLed, "
-                    "the engine's processes and /dev/shm files may be left behind", e)
-        return None
+    return start_guard(lambda: engine_processes(runner.rpc("mgrpo_pid")), "the vLLM engine's processes")
 
 
 def stop_engine(runner: VLLMRunner) -> None:

@@ -22,6 +22,10 @@ shutdown). Then it gives the engine's processes a few seconds to end, SIGKILLs t
 present with the same device and inode: only files this engine's processes mapped, never another
 run's (nor files its owner maps itself). With nothing left over it does nothing and says nothing.
 
+The trainer uses the same guard for its own helper processes (the reward pool, dist_checkpointing's
+results queue; ``trainer/loop.py``), which are started immune to Slurm's signals and would otherwise
+outlive a killed rank.
+
 Not covered: a kill of every process of a cgroup (Slurm's proctrack/cgroup when a step's KillWait
 ends) takes the guard too; there Slurm's job_container/tmpfs (a private /dev/shm per job) cleans up.
 """
@@ -173,6 +177,20 @@ class EngineGuard:
             self._fd = None
 
 
+def start_guard(find_pids, what: str) -> EngineGuard | None:
+    """A guard over the processes ``find_pids()`` returns, or None with a warning: the guard is a
+    safety net, a run without it still works (``what`` names them in the warning)."""
+    import logging
+
+    try:
+        return EngineGuard.start(find_pids())
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+        logging.getLogger(__name__).warning(
+            "%s started without a guard process (%s): if this process is SIGKILLed, they and their /dev/shm "
+            "files may be left behind", what, e)
+        return None
+
+
 # ---- the guard process -----------------------------------------------------------------------------
 
 def _wait_for_owner(record: dict) -> None:
@@ -239,7 +257,7 @@ def _guard_main() -> int:
     killed, removed = _clean(record)
     if killed or removed:
         owner = record["owner"][0]
-        said = [f"SIGKILLed {len(killed)} leftover vLLM process(es) {killed}"] if killed else []
+        said = [f"SIGKILLed {len(killed)} leftover process(es) {killed}"] if killed else []
         said += [f"removed {len(removed)} leftover file(s) from {SHM_DIR}: {' '.join(removed)}"] if removed else []
         why = "is gone" if not running(*record["owner"]) else "released its engine"
         try:

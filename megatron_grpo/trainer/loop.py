@@ -39,7 +39,6 @@ def run_training(cfg: DictConfig) -> int:
     from megatron_grpo.trainer import components as C
     from megatron_grpo.trainer.assets import prepare_assets
     from megatron_grpo.trainer.metrics_log import MetricsLogger
-    from megatron_grpo.trainer.scoring import BatchScorer
     from megatron_grpo.trainer.state import load_training_state
 
     # Preemption handlers first: a USR1/TERM during the (slow) start-up must not kill the rank.
@@ -121,7 +120,7 @@ def _start_helpers(cfg, preempt):
     (``rollout/engine_guard.py``): once this rank is gone, SIGKILLed included, the guard gives
     them a few seconds and then kills them. Without it they outlived a killed rank as orphans
     (immune to torchrun's SIGTERM, and a multiprocessing manager never notices its owner's death)."""
-    from megatron_grpo.rollout.engine_guard import EngineGuard, descendants
+    from megatron_grpo.rollout.engine_guard import descendants, start_guard
     from megatron_grpo.trainer.scoring import BatchScorer
 
     before = set(descendants(os.getpid()))
@@ -130,10 +129,7 @@ def _start_helpers(cfg, preempt):
         _start_checkpoint_helper()
     helpers = sorted(set(descendants(os.getpid())) - before)
     if helpers:
-        try:
-            EngineGuard.start(helpers)  # never released: it acts when this process is gone
-        except (OSError, RuntimeError) as e:  # a run without the guard still trains
-            _log(f"warning: no guard for the helper processes ({e})")
+        start_guard(lambda: helpers, "the trainer's helper processes")  # never released: acts once this rank is gone
     return scorer
 
 
