@@ -10,7 +10,7 @@ from setuptools import find_packages, setup
 
 CORE = [
     "torch>=2.6",
-    "megatron-core>=0.16.1",
+    "megatron-core>=0.16.1,<0.20",  # tested: 0.16.1 (Python 3.11) and 0.19.2 (3.12)
     "transformers>=4.51",
     "safetensors",
     "tokenizers",

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from . import ckpt_versions
 from . import hf_mapping as hm
 from .loader import named_global_parameters, unwrap_model
 from .provider import ModelInfo
@@ -154,7 +155,7 @@ def save_megatron_checkpoint(model_chunks, out_dir, info: ModelInfo, *, hf_dir=N
             "format": "megatron_grpo/dist_checkpointing/v1", "model_info": info.to_dict(),
             "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "padded_vocab_size": padded, "dtype": str(dtype).replace("torch.", ""),
-            "num_chunks": len(_chunks(model_chunks)), **(extra_meta or {}),
+            "num_chunks": len(_chunks(model_chunks)), **ckpt_versions.writer_meta(), **(extra_meta or {}),
         }
         if hf_dir is not None:
             meta["hf_files"] = copy_hf_side_files(hf_dir, out / HF_SUBDIR)
@@ -169,7 +170,9 @@ def read_checkpoint_meta(ckpt_dir) -> dict:
         raise CheckpointError(f"checkpoint directory not found: {d}")
     if not (d / META_FILE).is_file():
         raise CheckpointError(f"{d} has no {META_FILE}: not a checkpoint written by megatron_grpo")
-    return json.loads((d / META_FILE).read_text())
+    meta = json.loads((d / META_FILE).read_text())
+    ckpt_versions.check_readable(d, d, meta.get(ckpt_versions.META_KEY), training=False, error=CheckpointError)
+    return meta
 
 
 def load_megatron_checkpoint(model_chunks, ckpt_dir, *, strict: bool = True) -> dict:

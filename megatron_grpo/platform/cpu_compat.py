@@ -9,7 +9,8 @@ megatron-core 0.16.1; see shared notes "stack-facts"):
 * factory calls with ``device="cuda"`` inside schedules, DDP, the optimizer, grad clipping and
   ``get_default_causal_mask``; ``Tensor.cuda()``;
 * grad clipping's ``param.grad.type() == 'torch.cuda.FloatTensor'`` assertion;
-* ``torch.cuda.synchronize`` (dist_checkpointing, p2p).
+* ``torch.cuda.synchronize`` (dist_checkpointing, p2p);
+* ``torch.cuda.current_stream()`` (megatron-core 0.19's DDP grad sync).
 
 :func:`enable_cpu_compat` installs one global ``TorchFunctionMode`` that rewrites a CUDA ``device=``
 to CPU (and makes ``Tensor.cuda()`` a no-op), plus small patches for the RNG and sync functions.
@@ -69,8 +70,28 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CpuStream:
+    """Stands in for ``torch.cuda.current_stream()``: CPU work is synchronous, so waits are no-ops.
+    (megatron-core 0.19's DDP grad sync asks for the current stream unconditionally.)"""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
 def _patch_cuda_namespace() -> None:
     cuda = torch.cuda
+    stream = _CpuStream()
+    cuda.current_stream = lambda device=None: stream
+    cuda.default_stream = lambda device=None: stream
     cuda.current_device = lambda: _CPU
     cuda.synchronize = lambda device=None: None
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()

@@ -67,12 +67,21 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
         return None
     if resume == "auto":
         complete = list_complete(root)
-        return complete[-1][1] if complete else None
+        return _readable(complete[-1][1]) if complete else None
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.resume: {path} is not a directory")
     if not is_complete(path):
         raise CheckpointError(f"checkpoint.resume: {path} is incomplete or corrupt (no valid {MARKER} marker)")
+    return _readable(path)
+
+
+def _readable(path: Path) -> Path:
+    """A checkpoint of another megatron-core format is one clear line, before any model is built."""
+    from megatron_grpo.models.ckpt_versions import META_KEY, check_readable
+
+    written_by = json.loads((path / MARKER).read_text()).get(META_KEY)
+    check_readable(path, path / "model", written_by, training=True, error=CheckpointError)
     return path
 
 

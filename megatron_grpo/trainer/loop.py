@@ -140,7 +140,11 @@ def _start_checkpoint_helper() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    start = getattr(filesystem_async, "_get_write_results_queue", None)
+    start = getattr(filesystem_async, "get_write_results_queue", None)  # megatron-core >= 0.17 (mp_mode=...)
+    if callable(start):
+        start(mp_mode="spawn")
+        return
+    start = getattr(filesystem_async, "_get_write_results_queue", None)  # 0.16
     if callable(start):
         start()
 

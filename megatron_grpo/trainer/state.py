@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_grpo.models import ckpt_versions
 from megatron_grpo.models.loader import unwrap_model
-from megatron_grpo.trainer.checkpoint import CheckpointError, CheckpointWriter, load_rng, save_rng
+from megatron_grpo.trainer.checkpoint import MARKER, CheckpointError, CheckpointWriter, load_rng, save_rng
 
 STATE_FILE = "trainer_state.json"
 
@@ -44,6 +45,7 @@ def save_training_state(writer: CheckpointWriter, step: int, *, model_chunks, op
                      scheduler=scheduler.state_dict() if scheduler is not None else None)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     dist.barrier()
+    meta = {**meta, **ckpt_versions.writer_meta()}  # the COMPLETE marker names the writing megatron-core
     final = writer.commit(step, meta) if rank == 0 else writer.root / tmp.name.removesuffix(".partial")
     dist.barrier()
     return final
@@ -60,6 +62,8 @@ def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler) -
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{state_file}: not valid JSON ({e.msg})") from None
+    written_by = json.loads((ckpt_dir / MARKER).read_text()).get(ckpt_versions.META_KEY) if (ckpt_dir / MARKER).is_file() else None
+    ckpt_versions.check_readable(ckpt_dir, ckpt_dir / "model", written_by, training=True, error=CheckpointError)
     loaded = dist_checkpointing.load(sharded_state_dict=_sharded(model_chunks, optimizer, is_loading=True),
                                      checkpoint_dir=str(ckpt_dir / "model"))
     unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
