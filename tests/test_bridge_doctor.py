@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.vllm  # the 3.12 lane has no vLLM
+
 REPO = str(Path(__file__).resolve().parents[1])
 
 

@@ -8,6 +8,7 @@ from megatron_grpo.platform import detect
 from megatron_grpo.testing.torchrun import run_distributed
 
 
+@pytest.mark.vllm
 def test_detect_reports_this_machine():
     plat = detect()
     assert plat.cuda == torch.cuda.is_available()

@@ -50,6 +50,7 @@ def test_sampling_config_refuses_greedy_and_empty_groups():
         SamplingConfig(n=0)
 
 
+@pytest.mark.vllm
 def test_engine_kwargs_per_platform():
     from megatron_grpo.platform import detect
 
@@ -151,6 +152,7 @@ def qwen2_dir(tmp_path_factory):
     return str(make_tiny_model(tmp_path_factory.mktemp("rollout") / "qwen2", TinyModelSpec(arch="qwen2")))
 
 
+@pytest.mark.vllm
 def test_colocated_generation_groups_seeds_stops_and_scores(qwen2_dir):
     """2 ranks, vLLM TP=2 (one replica spanning both ranks), G=4."""
     prompts = ["What is 3 + 4?", [282, 276, 223, 21], "The quick brown"]

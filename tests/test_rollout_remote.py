@@ -20,6 +20,7 @@ from tests.e2e import (CONFIG, REPO, SHM, alive, descendants, env, error_lines, 
                        shm_files, train_cmd)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
+pytestmark = [*pytestmark, pytest.mark.vllm]  # the 3.12 lane has no vLLM
 
 STEPS = 3
 COMMON = ("trainer.eval_steps=0", "checkpoint.save_steps=0", "trainer.export_at_end=false",

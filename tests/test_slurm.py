@@ -36,6 +36,7 @@ TRAINER_OVERRIDES = ("trainer.eval_steps=0 trainer.export_at_end=false checkpoin
 JOB_TIMEOUT_S = 600  # a trainer job under heavy machine load; normally ~1.5-2 min
 
 pytestmark = pytest.mark.slow
+pytestmark = [pytestmark, pytest.mark.slurm, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import pytest
 from megatron_grpo.config import load_config
 from tests.slurm.cluster import ClusterError, ensure_packages
 
+pytestmark = pytest.mark.slurm
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_8NODE = "configs/grpo_qwen2.5_7b_8node.yaml"
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))

@@ -9,6 +9,8 @@ import pytest
 
 from tests.e2e import REPO, env, error_lines, train_cmd
 
+pytestmark = pytest.mark.vllm  # the train CLI starts vLLM
+
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):

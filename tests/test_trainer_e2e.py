@@ -18,6 +18,7 @@ from megatron_grpo.testing.torchrun import free_port
 from tests.e2e import REPO, alive, descendants, env, kill_tree, metrics, run_train, train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
+pytestmark = [*pytestmark, pytest.mark.vllm]  # the 3.12 lane has no vLLM
 
 
 def _ok(proc):
