@@ -50,6 +50,24 @@ def _same_weights(a: Path, b: Path) -> bool:
     return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and x[k].equal(y[k]) for k in x)
 
 
+def _check_training_resume_refused(tmp_path: Path, model_ckpt: Path, writer: str, python: str, reader: str) -> None:
+    """A training checkpoint (COMPLETE marker naming its writer, dist_checkpointing ``model/``) in the format
+    the reader cannot read: ``checkpoint.resume`` refuses it with one line before any model is built."""
+    import shutil
+
+    step = tmp_path / f"train_{writer}" / "checkpoints" / "step_00000002"
+    shutil.copytree(model_ckpt, step / "model")
+    (step / "trainer_state.json").write_text(json.dumps({"step": 2}))
+    (step / "COMPLETE").write_text(json.dumps({"step": 2, "megatron_core_version": writer}))
+    code = ("import sys; from megatron_grpo.trainer.checkpoint import CheckpointError, resolve_resume\n"
+            "try:\n    resolve_resume(None, sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n")
+    r = subprocess.run([python, "-c", code, str(step)], capture_output=True, text=True, cwd=REPO, env=env(),
+                       timeout=300)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, (r.stdout, r.stderr[-2000:])
+    line = r.stdout.strip()
+    assert f"megatron-core {writer}" in line and f"megatron-core {reader}" in line and "resume it with" in line, line
+
+
 def test_checkpoints_across_megatron_core_versions(tmp_path):
     other = _other_env()
     if other is None:
@@ -85,6 +103,7 @@ def test_checkpoints_across_megatron_core_versions(tmp_path):
             assert r.returncode == 0, r.stderr[-2000:]
         assert _same_weights(hf, out)
         outcome[(writer, reader)] = "one error line; converted through HF"
+        _check_training_resume_refused(tmp_path, ckpt, writer, envs[reader], reader)
     old, new = sorted(envs, key=Version)
     assert outcome[(old, new)] == "loads", outcome
     print("cross-version checkpoints:", outcome)

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 LANES=${LANES:-1 2}
 declare -a summary
 rc_all=0
-versions() { "$1" -c 'import sys, importlib.metadata as m; print(f"Python {sys.version.split()[0]}, megatron-core {m.version(\"megatron-core\")}, torch {m.version(\"torch\")}")'; }
+versions() { "$1" -c "import sys, importlib.metadata as m; print(f'Python {sys.version.split()[0]}, megatron-core {m.version(\"megatron-core\")}, torch {m.version(\"torch\")}')"; }
 for lane in $LANES; do
   case $lane in
     1) py=.venv/bin/python; sel=() ;;

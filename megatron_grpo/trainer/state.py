@@ -17,13 +17,38 @@ from megatron_grpo.models.loader import unwrap_model
 from megatron_grpo.trainer.checkpoint import MARKER, CheckpointError, CheckpointWriter, load_rng, save_rng
 
 STATE_FILE = "trainer_state.json"
+# The distributed optimizer's checkpoint layout, named explicitly (Megatron-LM's default): megatron-core's own
+# default, 'fully_sharded_model_space', is deprecated and 0.19 cannot save it ("flattened_range is not
+# supported"). 'dp_reshardable' exists in 0.16 and 0.19; the plain optimizer ignores it.
+OPTIMIZER_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _fill_empty_distributed_optimizer_state(optimizer) -> None:
+    """Before a load into a fresh DistributedOptimizer: with torch's Adam (no TE/apex) it has no state and no
+    'step' until its first step, and its ``state_dict()`` asserts exactly one step count (megatron-core 0.16
+    and 0.19). One step with zero gradients creates the state (megatron-core 0.19's own
+    ``_init_optimizer_states_with_dummy_values``); the load then replaces all of it and the parameters."""
+    import torch
+
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if type(sub).__name__ != "DistributedOptimizer" or inner is None or any(len(v) for v in inner.state.values()):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p.numel():
+                    p.grad = torch.zeros_like(p)
+        inner.step()
+        inner.zero_grad()
 
 
 def _sharded(model_chunks, optimizer, *, is_loading: bool) -> dict:
     if len(model_chunks) != 1:
         raise NotImplementedError("checkpointing several model chunks per rank (virtual PP) is not supported")
+    if is_loading:
+        _fill_empty_distributed_optimizer_state(optimizer)
     sd = {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
-    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading)
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=OPTIMIZER_CKPT_METADATA)
     return sd
 
 
