@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megatron_grpo.models import ckpt_versions
@@ -28,8 +29,6 @@ def _fill_empty_distributed_optimizer_state(optimizer) -> None:
     'step' until its first step, and its ``state_dict()`` asserts exactly one step count (megatron-core 0.16
     and 0.19). One step with zero gradients creates the state (megatron-core 0.19's own
     ``_init_optimizer_states_with_dummy_values``); the load then replaces all of it and the parameters."""
-    import torch
-
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", None)
         if type(sub).__name__ != "DistributedOptimizer" or inner is None or any(len(v) for v in inner.state.values()):
@@ -92,7 +91,8 @@ def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler) -
     loaded = dist_checkpointing.load(sharded_state_dict=_sharded(model_chunks, optimizer, is_loading=True),
                                      checkpoint_dir=str(ckpt_dir / "model"))
     unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # fp32 DistributedOptimizer: its main params are views of the model's (grad leaves)
+        optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     load_rng(ckpt_dir, dist.get_rank())
