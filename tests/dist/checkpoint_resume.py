@@ -1,6 +1,7 @@
 """Rank body (2 ranks): dist-checkpoint save/load of the whole training state resumes bit for bit.
 
-Per layout (TP1 x PP2; DP2), plain optimizer: 2 GRPO steps, save (``save_training_state``), 2 more steps -> parameters P and
+Per layout (TP1 x PP2 with the plain optimizer; DP2 with the distributed optimizer, whose state is
+sharded over DP): 2 GRPO steps, save (``save_training_state``), 2 more steps -> parameters P and
 losses L. Then a fresh, differently initialised model + optimizer + scheduler, ``load_training_state``,
 the same 2 steps: parameters and losses equal P and L exactly (Adam moments, step counts, LR schedule
 and RNG all came back).
@@ -79,6 +80,6 @@ def resume_exact(model_dir: str, root: str) -> dict:
 
     report: dict = {}
     _run_layout(report, model_dir, Path(root), tp=1, pp=2, dist_opt=False)
-    _run_layout(report, model_dir, Path(root), tp=1, pp=1, dist_opt=False)
+    _run_layout(report, model_dir, Path(root), tp=1, pp=1, dist_opt=True)
     destroy_distributed()
     return report
