@@ -15,7 +15,9 @@ from megatron_grpo.prompts import SYSTEM_PROMPT
 
 @dataclass
 class ModelConfig:
-    path: str = "???"  # HF model folder (config.json + safetensors + tokenizer)
+    path: str = "???"  # HF model folder (config.json + safetensors + tokenizer), or a hub id org/name[@revision]
+    hub_id: Optional[str] = None  # set when path was a hub id: the repo it was resolved from (megatron_grpo/hub.py)
+    hub_revision: Optional[str] = None  # ... and the commit of the local snapshot path now points at
     init: str = "hf"  # hf: load `path`; tiny: create a tiny random model at `path` if it is missing
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)  # shape used when init == tiny
     # init=tiny only: supervised warm-start steps on the training data before GRPO (trainer/warm_start.py)
@@ -85,7 +87,10 @@ class AlgorithmConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "???"  # local json/jsonl/parquet/csv/dataset dir, or a hub name
+    path: str = "???"  # local json/jsonl/parquet/csv/dataset dir, or a hub id org/name[@revision]
+    subset: Optional[str] = None  # the dataset's config name, as load_dataset(path, subset) (GSM8K: main)
+    hub_id: Optional[str] = None  # set when path was a hub id (see model.hub_id)
+    hub_revision: Optional[str] = None
     synthetic: bool = False  # create a synthetic arithmetic dataset at `path` if missing
     synthetic_train: int = 2000
     synthetic_test: int = 100  # <= 150: the arithmetic task has 300 distinct problems

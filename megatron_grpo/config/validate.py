@@ -178,6 +178,10 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     _check_rewards(cfg)
     _check_rollout_role(cfg)
 
+    if check_paths:  # hub ids -> local snapshots (downloads unless offline), before anything reads the paths
+        from megatron_grpo.hub import resolve_hub_paths
+
+        resolve_hub_paths(cfg)
     shape = model_shape(cfg) if check_paths or cfg.model.init == "tiny" else None
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if shape:
