@@ -152,7 +152,7 @@ class TrainerConfig:
     eval_steps: int = 0  # 0 disables periodic evaluation
     eval_num_generations: int = 4  # for pass@k
     eval_max_prompts: int = 64
-    log_every: int = 1
+    log_every: int = 1  # a plain progress line every N steps (and the last); metrics.jsonl gets every step
     samples_every: int = 10
     logprob_check_at_start: bool = True  # Megatron vs vLLM logprob parity at step 0
     logprob_check_tolerance: float = 1e-3
@@ -172,7 +172,7 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "megatron-grpo"
     wandb_mode: str = "offline"  # online | offline
-    progress_bar: bool = True
+    progress_bar: bool = True  # rank 0, stdout a terminal: a bar (step, reward, KL, s/step, ETA) instead of lines
 
 
 @dataclass
