@@ -132,7 +132,7 @@ def _check_rewards(cfg: DictConfig) -> None:
         try:
             spec = RewardSpec.from_config(OmegaConf.to_container(entry, resolve=True))
             spec.validate()
-            resolve_reward(spec.name, spec.params)
+            resolve_reward(spec.name, spec.params).instantiate()  # the factory checks its params
         except (ValueError, TypeError) as e:
             raise ConfigError(f"rewards.functions.{i}: {str(e).splitlines()[0]}") from None
 
