@@ -64,6 +64,11 @@ def _offline_env(hf_home: Path) -> dict:
     e = env()
     for k in ("HF_HUB_CACHE", "HF_DATASETS_CACHE", "HUGGINGFACE_HUB_CACHE", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         e.pop(k, None)
+    # The recipes set rollout.enforce_eager=false: vLLM compiles. Its AOT compile cache (~/.cache/vllm, on
+    # by default with torch >= 2.10) replays a graph that names a c10d group ('58') of the run that wrote
+    # it: at rollout TP=2 a later run failed "Could not resolve the process group registered under the
+    # name 58". Compile afresh in each run.
+    e["VLLM_DISABLE_COMPILE_CACHE"] = "1"
     return {**e, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 

@@ -22,8 +22,26 @@ def _sharded(model_chunks, optimizer, *, is_loading: bool) -> dict:
     if len(model_chunks) != 1:
         raise NotImplementedError("checkpointing several model chunks per rank (virtual PP) is not supported")
     sd = {"model": unwrap_model(model_chunks[0]).sharded_state_dict()}
-    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading)
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, **_optimizer_metadata(optimizer))
     return sd
+
+
+def _optimizer_metadata(optimizer) -> dict:
+    """The distributed optimizer's checkpoint format: megatron-core's default ('fully_sharded_model_space',
+    deprecated) raises "ShardedTensor.flattened_range is not supported" on save in 0.16. 'dp_reshardable'
+    keeps the TP x PP structure fixed (a resume at the same layout; the model itself reshards). Save and
+    load use the same one."""
+    import inspect
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not any(isinstance(o, DistributedOptimizer) for o in parts):
+        return {}  # the plain optimizer's checkpoints stay exactly as before
+    if not any(p.kind == p.VAR_KEYWORD or p.name == "metadata"
+               for p in inspect.signature(optimizer.sharded_state_dict).parameters.values()):
+        return {}
+    return {"metadata": {"distrib_optim_sharding_type": "dp_reshardable"}}
 
 
 def save_training_state(writer: CheckpointWriter, step: int, *, model_chunks, optimizer, scheduler,
