@@ -41,3 +41,27 @@ def test_doctor_fails_when_the_sync_is_skipped(llama_tied):
     rc, out = _doctor("--model", llama_tied, "--perturb", "3", "--skip-sync")
     assert rc == 1, out[-4000:]
     assert "doctor: FAIL" in out and "weight sync: SKIPPED" in out
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("doctor") / "pos512", TinyModelSpec(max_position_embeddings=512)))
+
+
+def test_doctor_defaults_to_the_models_context_length(short_context):
+    """A model with 512 positions passes with default arguments (the context is min(1024, 512))."""
+    rc, out = _doctor("--model", short_context)
+    assert rc == 0, out[-4000:]
+    assert "doctor: PASS" in out
+
+
+def test_doctor_reports_vllms_refusal_in_full_on_one_line(short_context):
+    rc, out = _doctor("--model", short_context, "--max-model-len", "1024", "--no-hf")
+    assert rc == 2, out[-4000:]
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, out[-4000:]
+    # the reason, not only pydantic's "1 validation error for ModelConfig" header
+    assert "vLLM refused" in errors[0] and "1024" in errors[0] and "512" in errors[0], errors[0]
+    assert "Traceback" not in out

@@ -140,7 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not sync (with --perturb: shows what a missed sync looks like; must FAIL)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--show-tokens", type=int, default=8)
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="vLLM context length (default: min(1024, the model's max_position_embeddings))")
     return p
 
 
@@ -158,6 +159,18 @@ def _free_port() -> int:
     return free_port()
 
 
+def default_context_length(model_dir: str, cap: int = 1024) -> int:
+    """What the model supports, up to ``cap``: its config.json's max_position_embeddings."""
+    import json
+    from pathlib import Path
+
+    try:
+        limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return cap  # not a readable folder: vLLM says what is wrong with it
+    return min(cap, int(limit)) if limit else cap
+
+
 def doctor_main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -173,18 +186,22 @@ def doctor_main(argv=None) -> int:
     from megatron_grpo.distributed.init import init_distributed
     from megatron_grpo.rollout import EngineConfig, SamplingConfig
 
+    max_len = args.max_model_len or default_context_length(args.model)
     init_distributed(tp=args.tp, pp=args.pp, seed=args.seed)
     rank0 = dist.get_rank() == 0
-    cfg = EngineConfig(model=args.model, tensor_parallel_size=args.rollout_tp, max_model_len=args.max_model_len,
+    cfg = EngineConfig(model=args.model, tensor_parallel_size=args.rollout_tp, max_model_len=max_len,
                        seed=args.seed)
-    if args.placement == "colocated":
-        from megatron_grpo.rollout.engine import ColocatedEngine
+    try:
+        if args.placement == "colocated":
+            from megatron_grpo.rollout.engine import ColocatedEngine
 
-        engine = ColocatedEngine(cfg)
-    else:
-        from megatron_grpo.rollout.disaggregated import DisaggregatedEngine
+            engine = ColocatedEngine(cfg)
+        else:
+            from megatron_grpo.rollout.disaggregated import DisaggregatedEngine
 
-        engine = DisaggregatedEngine(cfg, transport=args.transport, weights_path=args.weights_path)
+            engine = DisaggregatedEngine(cfg, transport=args.transport, weights_path=args.weights_path)
+    except ValueError as e:  # pydantic's refusal spans lines; its first says only "1 validation error for ..."
+        raise ValueError(f"vLLM refused the engine for {args.model}: {' '.join(str(e).split())}") from None
     model, info = build_policy(args.model, dtype=args.dtype)
     if args.perturb is not None:
         perturb_(model, args.perturb)
@@ -205,6 +222,11 @@ def doctor_main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = doctor_main()
+    from megatron_grpo.errors import INPUT_ERRORS, report
+
+    try:
+        code = doctor_main()
+    except INPUT_ERRORS as e:  # every rank sees the same input: rank 0 says it on one line
+        code = report(e)
     sys.stdout.flush()
     os._exit(code)  # skip vLLM/gloo teardown hangs at exit

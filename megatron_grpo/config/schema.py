@@ -15,7 +15,9 @@ from megatron_grpo.prompts import SYSTEM_PROMPT
 
 @dataclass
 class ModelConfig:
-    path: str = "???"  # HF model folder (config.json + safetensors + tokenizer)
+    path: str = "???"  # HF model folder (config.json + safetensors + tokenizer), or a hub id org/name[@revision]
+    hub_id: Optional[str] = None  # set when path was a hub id: the repo it was resolved from (megatron_grpo/hub.py)
+    hub_revision: Optional[str] = None  # ... and the commit of the local snapshot path now points at
     init: str = "hf"  # hf: load `path`; tiny: create a tiny random model at `path` if it is missing
     tiny: TinyModelSpec = field(default_factory=TinyModelSpec)  # shape used when init == tiny
     # init=tiny only: supervised warm-start steps on the training data before GRPO (trainer/warm_start.py)
@@ -85,7 +87,10 @@ class AlgorithmConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "???"  # local json/jsonl/parquet/csv/dataset dir, or a hub name
+    path: str = "???"  # local json/jsonl/parquet/csv/dataset dir, or a hub id org/name[@revision]
+    subset: Optional[str] = None  # the dataset's config name, as load_dataset(path, subset) (GSM8K: main)
+    hub_id: Optional[str] = None  # set when path was a hub id (see model.hub_id)
+    hub_revision: Optional[str] = None
     synthetic: bool = False  # create a synthetic arithmetic dataset at `path` if missing
     synthetic_train: int = 2000
     synthetic_test: int = 100  # <= 150: the arithmetic task has 300 distinct problems
@@ -147,7 +152,7 @@ class TrainerConfig:
     eval_steps: int = 0  # 0 disables periodic evaluation
     eval_num_generations: int = 4  # for pass@k
     eval_max_prompts: int = 64
-    log_every: int = 1
+    log_every: int = 1  # a plain progress line every N steps (and the last); metrics.jsonl gets every step
     samples_every: int = 10
     logprob_check_at_start: bool = True  # Megatron vs vLLM logprob parity at step 0
     logprob_check_tolerance: float = 1e-3
@@ -167,7 +172,7 @@ class LoggingConfig:
     wandb: bool = False
     wandb_project: str = "megatron-grpo"
     wandb_mode: str = "offline"  # online | offline
-    progress_bar: bool = True
+    progress_bar: bool = True  # rank 0, stdout a terminal: a bar (step, reward, KL, s/step, ETA) instead of lines
 
 
 @dataclass

@@ -132,7 +132,7 @@ def _check_rewards(cfg: DictConfig) -> None:
         try:
             spec = RewardSpec.from_config(OmegaConf.to_container(entry, resolve=True))
             spec.validate()
-            resolve_reward(spec.name, spec.params)
+            resolve_reward(spec.name, spec.params).instantiate()  # the factory checks its params
         except (ValueError, TypeError) as e:
             raise ConfigError(f"rewards.functions.{i}: {str(e).splitlines()[0]}") from None
 
@@ -155,6 +155,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
               "parallel.timeout_s", "rollout.sync_bucket_mb", "rollout.kv_cache_memory_mb")
     _positive(cfg, "algorithm.kl_coef", "algorithm.entropy_coef", "optimizer.clip_grad", "optimizer.weight_decay",
               "trainer.eval_steps", "checkpoint.save_steps", "rollout.temperature", allow_zero=True)
+    _positive(cfg, "trainer.log_every")
     a, r = cfg.algorithm, cfg.rollout
     if r.num_generations < 2:
         raise ConfigError(f"rollout.num_generations={r.num_generations}: GRPO needs >= 2 completions per prompt "
@@ -178,6 +179,10 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     _check_rewards(cfg)
     _check_rollout_role(cfg)
 
+    if check_paths:  # hub ids -> local snapshots (downloads unless offline), before anything reads the paths
+        from megatron_grpo.hub import resolve_hub_paths
+
+        resolve_hub_paths(cfg)
     shape = model_shape(cfg) if check_paths or cfg.model.init == "tiny" else None
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     if shape:

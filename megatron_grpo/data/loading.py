@@ -105,7 +105,27 @@ def _load_hub(name: str) -> dict[str, Any]:
     return {split: [(f"{name}[{split}]", ds)] for split, ds in loaded.items()}
 
 
-def _load_parts(source: str) -> dict[str, list[tuple[str, Any]]]:
+def _is_repo_folder(path: Path) -> bool:
+    """A hub dataset repo (a snapshot in the hub cache, or a clone): a README with its configs, or data
+    files only in sub-folders (``data/train-00000-of-00001.parquet``)."""
+    top = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_BUILDERS]
+    return (path / "README.md").is_file() or not top
+
+
+def _load_repo_folder(path: Path, subset: str | None) -> dict[str, list[tuple[str, Any]]]:
+    """datasets' own layout rules (README configs, ``data/<split>-*`` files), as users load the repo."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(path), subset)
+    except Exception as exc:
+        raise DatasetLoadError(f"could not load dataset folder {str(path)!r}"
+                               f"{f' (subset {subset!r})' if subset else ''}: {' '.join(str(exc).split())[:400]}"
+                               f"{'' if subset else ' (data.subset picks a config)'}") from None
+    return {split: [(f"{path}[{split}]", ds)] for split, ds in loaded.items()}
+
+
+def _load_parts(source: str, subset: str | None = None) -> dict[str, list[tuple[str, Any]]]:
     """split -> [(origin label for error messages, Dataset)] from a local path or the hub."""
     import datasets
 
@@ -116,6 +136,8 @@ def _load_parts(source: str) -> dict[str, list[tuple[str, Any]]]:
             if isinstance(loaded, datasets.DatasetDict):
                 return {split: [(f"{path}[{split}]", ds)] for split, ds in loaded.items()}
             return {"train": [(str(path), loaded)]}
+        if subset is not None or _is_repo_folder(path):
+            return _load_repo_folder(path, subset)
         return {split: [(str(p), _load_file(p)) for p in files] for split, files in _files_by_split(path).items()}
     if path.exists():
         return {"train": [(str(path), _load_file(path))]}
@@ -171,12 +193,14 @@ def load_prompt_dataset(
     seed: int = 42,
     on_bad_row: str = "error",
     max_train_samples: int | None = None,
+    subset: str | None = None,
 ) -> PromptSplits:
     """Load and validate a dataset's train (and test) split.
 
     test_split: the split used for evaluation when the source has it (None: never). test_fraction:
     when the source has no such split, carve this fraction out of train with ``seed`` (None/0: no test).
-    on_bad_row: "error" or "skip". stats: ``rows_read`` (all splits), ``dropped_bad_rows``,
+    on_bad_row: "error" or "skip". subset: the dataset's config name (a hub repo folder with several).
+    stats: ``rows_read`` (all splits), ``dropped_bad_rows``,
     ``train_rows``, ``test_rows``.
     """
     import datasets
@@ -185,7 +209,7 @@ def load_prompt_dataset(
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    parts = _load_parts(source)
+    parts = _load_parts(source, subset)
     if train_split not in parts:
         raise DatasetLoadError(f"dataset {source!r} has no split {train_split!r} (splits: {sorted(parts)})")
     stats = {"rows_read": 0, "dropped_bad_rows": 0}

@@ -120,6 +120,23 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = set_state
 
 
+def _patch_megatron_recompute() -> None:
+    """Activation recompute (``model.recompute``) reruns the forward inside an autograd Function's
+    backward, where the torch-function mode of the calling thread is not active: enter one there too
+    (without it ``get_default_causal_mask``'s ``device="cuda"`` fails in the recomputed attention)."""
+    try:
+        from megatron.core.tensor_parallel import random as mrandom
+    except ImportError:
+        return
+    original = mrandom.CheckpointFunction.backward
+
+    def backward(ctx, *args):
+        with _CudaToCpuMode():
+            return original(ctx, *args)
+
+    mrandom.CheckpointFunction.backward = staticmethod(backward)
+
+
 def enable_cpu_compat() -> bool:
     """Install the CPU compatibility layer once per process. Returns True if it is active.
 
@@ -139,6 +156,7 @@ def enable_cpu_compat() -> bool:
         warnings.filterwarnings("ignore", message="Apex is not installed")
         _patch_cuda_namespace()
         _patch_megatron_rng()
+        _patch_megatron_recompute()
         _MODE = _CudaToCpuMode()
         _MODE.__enter__()
         _ENABLED = True

@@ -59,10 +59,28 @@ def answer_extraction_config() -> list:
     ]
 
 
-def parse_gold(solution: str, *, parsing_timeout: int | None = 5) -> list:
-    """Parsed gold answer; an empty list means the gold does not parse."""
-    from math_verify import parse
+GOLD_FORMATS = ("latex", "gsm8k")
 
+
+def gsm8k_final_answer(solution: str) -> str | None:
+    """GSM8K's gold: the text after the last ``#### `` line (thousands separators dropped); None if absent."""
+    finals = [line.strip()[4:].strip() for line in solution.splitlines() if line.strip().startswith("####")]
+    return finals[-1].replace(",", "") if finals and finals[-1] else None
+
+
+def parse_gold(solution: str, *, parsing_timeout: int | None = 5, gold: str = "latex") -> list:
+    """Parsed gold answer; an empty list means the gold does not parse.
+
+    gold="latex": the seed's LaTeX extraction of the whole solution (``\\boxed{}`` and friends);
+    gold="gsm8k": the ``#### N`` final line, parsed as a plain expression (N may be 1/2, -3.5, ...)."""
+    from math_verify import ExprExtractionConfig, parse
+
+    if gold == "gsm8k":
+        final = gsm8k_final_answer(solution)
+        if final is None:
+            return []
+        return parse(final, extraction_mode="first_match", parsing_timeout=parsing_timeout,
+                     extraction_config=[ExprExtractionConfig(), *gold_extraction_config()])
     return parse(
         solution,
         extraction_mode="first_match",
@@ -84,12 +102,13 @@ def parse_answer(completion: str, *, parsing_timeout: int | None = 5) -> list:
 
 
 def is_correct(
-    completion: str, solution: str, *, parsing_timeout: int | None = 5, verify_timeout: int | None = 5
+    completion: str, solution: str, *, parsing_timeout: int | None = 5, verify_timeout: int | None = 5,
+    gold: str = "latex",
 ) -> bool | None:
     """True/False whether the completion's answer equals the gold; None when the gold does not parse."""
     from math_verify import verify
 
-    gold = parse_gold(solution, parsing_timeout=parsing_timeout)
+    gold = parse_gold(solution, parsing_timeout=parsing_timeout, gold=gold)
     if len(gold) == 0:
         return None
     answer = parse_answer(completion, parsing_timeout=parsing_timeout)
@@ -110,14 +129,19 @@ def make_accuracy_reward(
     unparseable_gold: str | float = "skip",
     parsing_timeout: int | None = 5,
     verify_timeout: int | None = 5,
+    gold: str = "latex",
 ):
     """Factory for the ``accuracy`` reward.
 
     unparseable_gold: what a sample whose gold solution does not parse gets -- "skip" returns None
     (newer open-r1; the manager then applies the reward's ``on_none``), 1.0 is the seed recipe,
     0.0 punishes. parsing_timeout/verify_timeout are math-verify's own (signal-based) limits, seconds.
+    gold: how the gold answer is read from the solution column: "latex" (the seed: NuminaMath's
+    ``\\boxed{}``) or "gsm8k" (the ``#### N`` final line); see :func:`parse_gold`.
     """
     policy = check_unparseable_gold_policy(unparseable_gold)
+    if gold not in GOLD_FORMATS:
+        raise ValueError(f"gold must be one of {GOLD_FORMATS}, got {gold!r}")
 
     def accuracy(
         completions: Sequence[Any], *, solutions: Sequence[str] | None = None, **kwargs: Any
@@ -134,6 +158,7 @@ def make_accuracy_reward(
                 solution,
                 parsing_timeout=parsing_timeout,
                 verify_timeout=verify_timeout,
+                gold=gold,
             )
             if correct is None:
                 rewards.append(None if policy == "skip" else policy)

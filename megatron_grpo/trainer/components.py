@@ -147,7 +147,8 @@ def load_prompt_data(cfg: DictConfig, tokenizer) -> PromptData:
     d = cfg.data
     splits = load_prompt_dataset(d.path, problem_column=d.prompt_column, solution_column=d.solution_column,
                                  train_split=d.train_split, test_split=d.test_split,
-                                 test_fraction=d.test_fraction or None, seed=d.seed, on_bad_row=d.on_bad_row)
+                                 test_fraction=d.test_fraction or None, seed=d.seed, on_bad_row=d.on_bad_row,
+                                 subset=d.subset)
     train, tstats = tokenize_prompts(splits.train, tokenizer, system_prompt=d.system_prompt,
                                      max_prompt_length=d.max_prompt_length, split_name="train")
     test = None

@@ -81,6 +81,10 @@ def run_training(cfg: DictConfig) -> int:
     logger = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                            wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                            config=OmegaConf.to_container(cfg), resume_step=start_step) if rank0 else None
+    from megatron_grpo.trainer.progress import StepProgress
+
+    progress = StepProgress(start_step=start_step, total=num_steps, log_every=cfg.trainer.log_every,
+                            bar=cfg.logging.progress_bar, line=progress_line) if rank0 else None
     _log(f"layout tp={layout.tp} pp={layout.pp} dp={layout.dp}; {len(data.train)} train prompts; "
          f"steps {start_step + 1}..{num_steps}")
 
@@ -95,7 +99,7 @@ def run_training(cfg: DictConfig) -> int:
                 metrics.update(run_eval(cfg, step=step, data=data, engine=engine, scorer=scorer))
             if rank0:
                 logger.log(step, metrics)
-                _log(progress_line(step, num_steps, metrics))
+                progress.update(step, metrics)  # a bar on a terminal, else a line every trainer.log_every steps
             stop = _agree(preempt.set)
             if stop or step == num_steps or (cfg.checkpoint.save_steps and step % cfg.checkpoint.save_steps == 0):
                 save(cfg, writer, step, policy=policy, sampler=sampler, version=bridge.version, layout=layout)
@@ -107,6 +111,7 @@ def run_training(cfg: DictConfig) -> int:
     finally:
         if logger is not None:
             logger.close()
+            progress.close()
         scorer.close()
         preempt.restore()
         engine.shutdown()
