@@ -70,6 +70,11 @@ class AlgorithmConfig:
     ratio_clip_low: float = 0.2
     ratio_clip_high: float = 0.2  # > low = clip-higher (DAPO)
     dual_clip: Optional[float] = None  # c > 1 for negative advantages
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo (sequence-level ratio, GSPO) | cispo (clipped stop-grad IS weight, MiniMax-M1)
+    gspo_clip_low: float = 3.0e-4  # gspo: the sequence ratio is clipped to [1 - low, 1 + high] (GSPO paper: 3e-4, 4e-4);
+    gspo_clip_high: float = 4.0e-4  #   ratio_clip_low/high apply to ppo_clip only
+    cispo_clip_low: Optional[float] = None  # cispo: IS weight clipped to [1 - low, 1 + high]; null = no lower bound (MiniMax-M1)
+    cispo_clip_high: float = 4.0  #   cap 1 + 4 = 5 (TRL's epsilon_high for cispo); dual_clip must stay null
     importance_sampling: Optional[str] = None  # None | token | sequence (truncated IS vs rollout logprobs)
     importance_sampling_cap: float = 2.0
     entropy_coef: float = 0.0
