@@ -2,9 +2,29 @@
 megatron-core (gloo), and a short `megatron-grpo train` run with each (vLLM rollouts, math-verify)."""
 import pytest
 
+from megatron_grpo.config import ConfigError, load_config, validate
 from megatron_grpo.testing.torchrun import run_distributed
 from tests.dist.training_helpers import make_model_dir
-from tests.e2e import metrics, run_train
+from tests.e2e import CONFIG, metrics, run_train
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["algorithm.policy_loss=sapo"], "algorithm.policy_loss='sapo' is not one of"),
+    (["algorithm.policy_loss=gspo", "algorithm.gspo_clip_low=1.5"], "algorithm.gspo_clip_low=1.5 must be in (0, 1)"),
+    (["algorithm.policy_loss=cispo", "algorithm.cispo_clip_high=0"], "algorithm.cispo_clip_high=0.0 must be > 0"),
+    (["algorithm.policy_loss=cispo", "algorithm.dual_clip=3.0"], "does not apply to policy_loss=cispo"),
+])
+def test_bad_policy_loss_config_is_one_line(tmp_path, overrides, expected):
+    base = [f"model.path={tmp_path / 'm'}", f"data.path={tmp_path / 'd'}", f"trainer.output_dir={tmp_path / 'o'}"]
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(CONFIG, base + overrides), check_paths=False)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_good_policy_loss_configs_validate(tmp_path):
+    base = [f"model.path={tmp_path / 'm'}", f"data.path={tmp_path / 'd'}", f"trainer.output_dir={tmp_path / 'o'}"]
+    for extra in (["algorithm.policy_loss=gspo"], ["algorithm.policy_loss=cispo", "algorithm.cispo_clip_low=0.5"]):
+        validate(load_config(CONFIG, base + extra), check_paths=False)
 
 
 def test_gspo_cispo_gradients_exact_across_tp_dp_and_microbatches(tmp_path):
