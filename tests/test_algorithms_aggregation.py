@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_grpo.algorithms import AGG_MODES, aggregate, grpo_loss, loss_normalizer
+from megatron_grpo.algorithms import AGG_MODES, POLICY_LOSSES, aggregate, grpo_loss, loss_normalizer
 
 F64 = torch.float64
 
@@ -138,14 +138,17 @@ def test_aggregate_sum_over_microbatches_and_ranks_is_exact(batch, mode):
 
 
 @settings(max_examples=40, deadline=None)
-@given(batches(), st.sampled_from(AGG_MODES), st.sampled_from([None, "token", "sequence"]))
-def test_grpo_loss_and_grad_exact_under_sharding(batch, mode, is_level):
-    """Full GRPO loss (clip, dual clip, KL, IS, entropy): the sum over DP ranks of the
+@given(batches(), st.sampled_from(AGG_MODES), st.sampled_from([None, "token", "sequence"]),
+       st.sampled_from(POLICY_LOSSES))
+def test_grpo_loss_and_grad_exact_under_sharding(batch, mode, is_level, kind):
+    """Full GRPO loss (clip / GSPO / CISPO, dual clip, KL, IS, entropy): the sum over DP ranks of the
     sum over micro-batches equals the full-batch loss, and so do the gradients."""
     mask, seed, shards = batch
     lp, old, ref, roll, adv, ent = _inputs(mask, seed)
     kw = dict(agg_mode=mode, eps_low=0.2, eps_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_kind="k3",
-              is_level=is_level, is_cap=1.5, entropy_coef=0.01)
+              is_level=is_level, is_cap=1.5, entropy_coef=0.01, policy_loss_kind=kind)
+    if kind == "cispo":
+        kw.update(eps_low=None, eps_high=4.0, dual_clip=None)
     max_len = 7
 
     def call(rows, normalizer):

@@ -17,7 +17,7 @@ from .metrics import (
     pack_metrics,
     unpack_metrics,
 )
-from .policy_loss import IS_LEVELS, policy_loss, truncated_is_weights
+from .policy_loss import IS_LEVELS, POLICY_LOSSES, policy_loss, truncated_is_weights
 
 __all__ = [
     "group_advantages",
@@ -39,4 +39,5 @@ __all__ = [
     "AGG_MODES",
     "KL_KINDS",
     "IS_LEVELS",
+    "POLICY_LOSSES",
 ]

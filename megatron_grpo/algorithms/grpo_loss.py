@@ -32,11 +32,12 @@ def grpo_loss(
     is_level=None,
     is_cap=2.0,
     entropy_coef=0.0,
+    policy_loss_kind="ppo_clip",
 ):
     """Scalar GRPO loss of one micro-batch and its metrics.
 
-    Per token: ``policy_loss`` (clip / dual clip / truncated IS, see
-    :func:`policy_loss`) ``- entropy_coef * entropy + kl_coef * kl_estimate(logprobs,
+    Per token: ``policy_loss`` (``policy_loss_kind`` ppo_clip / gspo / cispo, dual clip,
+    truncated IS, see :func:`policy_loss`) ``- entropy_coef * entropy + kl_coef * kl_estimate(logprobs,
     ref_logprobs, kind=kl_kind, clamp=kl_clamp)``; the IS weight multiplies the
     policy-gradient term only (as in veRL).  The sum is
     aggregated with ``agg_mode`` and the GLOBAL ``normalizer`` (see
@@ -64,7 +65,7 @@ def grpo_loss(
     pg, info = policy_loss(
         logprobs, old_logprobs, advantages, m,
         eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-        rollout_logprobs=rollout_logprobs, is_level=is_level, is_cap=is_cap,
+        rollout_logprobs=rollout_logprobs, is_level=is_level, is_cap=is_cap, kind=policy_loss_kind,
     )
     per_token = pg
     ent = None

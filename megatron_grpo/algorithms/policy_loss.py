@@ -1,4 +1,5 @@
-"""Per-token clipped surrogate (PPO/GRPO), dual clip, truncated IS and entropy bonus.
+"""Per-token policy losses: clipped surrogate (PPO/GRPO), GSPO's sequence-level ratio, CISPO's
+clipped stop-gradient IS weight; dual clip, truncated IS and entropy bonus.
 
 Everything here is per token (``[B, T]``); turning it into a scalar is
 :mod:`.aggregation`'s job so that micro-batching stays exact.
@@ -9,9 +10,10 @@ import torch
 
 from ._common import as_bool_mask, compute_dtype
 
-__all__ = ["IS_LEVELS", "truncated_is_weights", "policy_loss"]
+__all__ = ["IS_LEVELS", "POLICY_LOSSES", "truncated_is_weights", "policy_loss"]
 
 IS_LEVELS = ("token", "sequence")
+POLICY_LOSSES = ("ppo_clip", "gspo", "cispo")
 
 
 def truncated_is_weights(old_logprobs, rollout_logprobs, mask, *, level="token", cap=2.0):
@@ -71,6 +73,7 @@ def policy_loss(
     entropy=None,
     entropy_coef=0.0,
     log_ratio_clamp=20.0,
+    kind="ppo_clip",
 ):
     """Per-token GRPO/PPO policy loss ``[B, T]`` (0 at padding) and per-token diagnostics.
 
@@ -87,15 +90,40 @@ def policy_loss(
     clipped loss by :func:`truncated_is_weights`.  Finally
     ``loss_t -= entropy_coef * entropy_t`` (entropy is given per token, keeps its grad).
 
+    ``kind`` picks the objective (all per token, so aggregation stays exact under
+    micro-batching; a row is one whole sequence):
+
+    * ``"ppo_clip"``: the clipped surrogate above.
+    * ``"gspo"`` (GSPO paper's GSPO-token, veRL ``gspo``, TRL
+      ``importance_sampling_level="sequence"``): the same clipped surrogate with the
+      sequence ratio ``s = exp(mean over valid tokens of (logprobs - old))`` on every
+      token, as ``s_t = sg[s] * exp(logprobs_t - sg[logprobs_t])``: value ``s``,
+      gradient ``s * grad(logprobs_t)``; clipping (``eps_low``/``eps_high``, GSPO uses
+      ~3e-4/4e-4) therefore acts per sequence.
+    * ``"cispo"`` (MiniMax-M1, veRL ``cispo``, TRL ``loss_type="cispo"``):
+      ``loss_t = -sg[clip(ratio, 1-eps_low, 1+eps_high)] * A * logprobs_t``: every
+      token keeps its gradient, only the IS weight is clipped; ``eps_low=None``
+      means no lower bound (MiniMax-M1).  ``dual_clip`` does not apply.
+
     ``advantages`` is ``[B]`` (one per sequence, broadcast over tokens) or ``[B, T]``.
     Returns ``(loss, info)``; ``info`` holds detached ``[B, T]`` tensors: ``ratio``,
     bool masks ``clipped_low`` (A<0, ratio<1-eps_low), ``clipped_high`` (A>0,
     ratio>1+eps_high), ``dual_clipped`` (A<0, ratio>c), and, when IS is on,
-    ``is_weight`` / ``is_truncated``.
+    ``is_weight`` / ``is_truncated``.  Under ``gspo`` ``ratio`` is the sequence ratio
+    on each token; under ``cispo`` ``clipped_low``/``clipped_high`` mark tokens whose IS
+    weight was clipped (either sign of A).
     """
+    if kind not in POLICY_LOSSES:
+        raise ValueError(f"policy loss kind must be one of {POLICY_LOSSES}, got {kind!r}")
     if eps_high is None:
         eps_high = eps_low
-    if not (0 <= eps_low < 1) or eps_high < 0:
+    if kind == "cispo":
+        if eps_high is None or eps_high < 0 or (eps_low is not None and eps_low < 0):
+            raise ValueError(f"cispo needs eps_high >= 0 and eps_low >= 0 or None, got eps_low={eps_low}, "
+                             f"eps_high={eps_high}")
+        if dual_clip is not None:
+            raise ValueError("dual_clip does not apply to cispo (its IS weight is already clipped); set it to None")
+    elif eps_low is None or not (0 <= eps_low < 1) or eps_high < 0:
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got eps_low={eps_low}, eps_high={eps_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
@@ -120,17 +148,25 @@ def policy_loss(
 
     # Padding may hold garbage (NaN/inf); zero the log-ratio there so neither the
     # value nor the gradient can be poisoned.
-    log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)
+    lp = torch.where(m, logprobs.to(dtype), zero)
+    log_ratio = torch.where(m, lp - old_logprobs.detach().to(dtype), zero)
+    if kind == "gspo":
+        log_ratio = lp - lp.detach() + _sequence_mean(log_ratio.detach(), m)  # value: the sequence's
     if log_ratio_clamp is not None:
         log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
 
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    loss = torch.maximum(unclipped, clipped)
     neg = adv < 0
-    if dual_clip is not None:
-        loss = torch.where(neg, torch.minimum(loss, -adv * dual_clip), loss)
+    if kind == "cispo":
+        low = 0.0 if eps_low is None else 1.0 - eps_low
+        weight = ratio.detach().clamp(min=low, max=1.0 + eps_high)
+        loss = -adv * weight * lp
+    else:
+        unclipped = -adv * ratio
+        clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+        loss = torch.maximum(unclipped, clipped)
+        if dual_clip is not None:
+            loss = torch.where(neg, torch.minimum(loss, -adv * dual_clip), loss)
 
     info = {}
     if is_level is not None:
@@ -148,10 +184,20 @@ def policy_loss(
     with torch.no_grad():
         r = ratio.detach()
         info["ratio"] = r
-        info["clipped_low"] = m & neg & (r < 1.0 - eps_low)
-        info["clipped_high"] = m & (adv > 0) & (r > 1.0 + eps_high)
+        if kind == "cispo":
+            info["clipped_low"] = m & (r < (0.0 if eps_low is None else 1.0 - eps_low))
+            info["clipped_high"] = m & (r > 1.0 + eps_high)
+        else:
+            info["clipped_low"] = m & neg & (r < 1.0 - eps_low)
+            info["clipped_high"] = m & (adv > 0) & (r > 1.0 + eps_high)
         if dual_clip is not None:
             info["dual_clipped"] = m & neg & (r > dual_clip)
         else:
             info["dual_clipped"] = torch.zeros_like(m)
     return loss, info
+
+
+def _sequence_mean(per_token, m):
+    """Each row's mean over its valid tokens, broadcast back to ``[B, T]`` (0 for an empty row)."""
+    n = m.sum(dim=-1, keepdim=True).clamp(min=1).to(per_token.dtype)
+    return (per_token.sum(dim=-1, keepdim=True) / n).expand_as(per_token)

@@ -23,6 +23,7 @@ class ModelConfig:
     # init=tiny only: supervised warm-start steps on the training data before GRPO (trainer/warm_start.py)
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3
+    warm_start_answer_noise: float = 0.0  # fraction of warm-start answers replaced by a random digit (1 = format only)
     dtype: str = "float32"  # float32 | bfloat16
     trust_remote_code: bool = False
     recompute: str = "none"  # none | selective | full
@@ -72,6 +73,11 @@ class AlgorithmConfig:
     ratio_clip_low: float = 0.2
     ratio_clip_high: float = 0.2  # > low = clip-higher (DAPO)
     dual_clip: Optional[float] = None  # c > 1 for negative advantages
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo (sequence-level ratio, GSPO) | cispo (clipped stop-grad IS weight, MiniMax-M1)
+    gspo_clip_low: float = 3.0e-4  # gspo: the sequence ratio is clipped to [1 - low, 1 + high] (GSPO paper: 3e-4, 4e-4);
+    gspo_clip_high: float = 4.0e-4  #   ratio_clip_low/high apply to ppo_clip only
+    cispo_clip_low: Optional[float] = None  # cispo: IS weight clipped to [1 - low, 1 + high]; null = no lower bound (MiniMax-M1)
+    cispo_clip_high: float = 4.0  #   cap 1 + 4 = 5 (TRL's epsilon_high for cispo); dual_clip must stay null
     importance_sampling: Optional[str] = None  # None | token | sequence (truncated IS vs rollout logprobs)
     importance_sampling_cap: float = 2.0
     entropy_coef: float = 0.0
@@ -93,7 +99,8 @@ class DataConfig:
     hub_revision: Optional[str] = None
     synthetic: bool = False  # create a synthetic arithmetic dataset at `path` if missing
     synthetic_train: int = 2000
-    synthetic_test: int = 100  # <= 150: the arithmetic task has 300 distinct problems
+    synthetic_test: int = 100  # <= half the task's distinct problems (arithmetic 300, larger 90)
+    synthetic_task: str = "arithmetic"  # arithmetic (a+b, a-b, a*b) | larger ("Which is larger, 3 or 7?"; the demo's)
     train_split: str = "train"
     test_split: Optional[str] = "test"
     test_fraction: float = 0.0  # used when there is no test split

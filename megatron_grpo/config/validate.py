@@ -25,6 +25,8 @@ CHOICES = {
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     "algorithm.reference": ("copy", "swap", "none"),
     "algorithm.importance_sampling": (None, "token", "sequence"),
+    "algorithm.policy_loss": ("ppo_clip", "gspo", "cispo"),
+    "data.synthetic_task": ("arithmetic", "larger"),
     "data.on_bad_row": ("error", "skip"),
     "optimizer.scheduler": ("constant", "linear", "cosine"),
     "logging.wandb_mode": ("online", "offline"),
@@ -146,6 +148,20 @@ def check_runtime_packages(cfg: DictConfig) -> None:
                           "or logging.wandb=false)")
 
 
+def _check_policy_loss(a) -> None:
+    """GSPO and CISPO clip with their own bounds (README "What the algorithm offers")."""
+    if a.policy_loss == "gspo" and not (0 < a.gspo_clip_low < 1 and a.gspo_clip_high > 0):
+        raise ConfigError(f"algorithm.gspo_clip_low={a.gspo_clip_low} must be in (0, 1) and "
+                          f"algorithm.gspo_clip_high={a.gspo_clip_high} > 0")
+    if a.policy_loss == "cispo":
+        if a.cispo_clip_high <= 0 or (a.cispo_clip_low is not None and a.cispo_clip_low <= 0):
+            raise ConfigError(f"algorithm.cispo_clip_high={a.cispo_clip_high} must be > 0 and "
+                              f"algorithm.cispo_clip_low={a.cispo_clip_low} > 0 or null (no lower bound)")
+        if a.dual_clip is not None:
+            raise ConfigError(f"algorithm.dual_clip={a.dual_clip} does not apply to policy_loss=cispo "
+                              "(its IS weight is already clipped); set algorithm.dual_clip=null")
+
+
 def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     """Run every cross-field check; returns derived facts (model shape, world size, DP size)."""
     _check_choices(cfg)
@@ -167,9 +183,12 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
                           f"algorithm.ratio_clip_high={a.ratio_clip_high} > 0")
     if a.dual_clip is not None and a.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or null to disable)")
+    _check_policy_loss(a)
     if a.kl_coef > 0 and a.reference == "none":
         raise ConfigError(f"algorithm.reference=none needs algorithm.kl_coef=0 (got {a.kl_coef}); "
                           "use reference=copy or swap for a KL penalty")
+    if not 0 <= cfg.model.warm_start_answer_noise <= 1:
+        raise ConfigError(f"model.warm_start_answer_noise={cfg.model.warm_start_answer_noise} must be in [0, 1]")
     if not 0 <= cfg.optimizer.warmup_ratio < 1:
         raise ConfigError(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1)")
     if cfg.trainer.max_steps is None and cfg.trainer.epochs is None:

@@ -70,6 +70,9 @@ def build_policy_stack(cfg: DictConfig, *, num_steps: int) -> PolicyStack:
     loss = dict(agg_mode=a.loss_agg, eps_low=a.ratio_clip_low, eps_high=a.ratio_clip_high, dual_clip=a.dual_clip,
                 kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_kind=a.kl_kind, kl_clamp=a.kl_clamp,
                 is_level=a.importance_sampling, is_cap=a.importance_sampling_cap, entropy_coef=a.entropy_coef)
+    if a.policy_loss != "ppo_clip":  # GSPO / CISPO clip with their own bounds
+        loss.update(policy_loss_kind=a.policy_loss, eps_low=a[f"{a.policy_loss}_clip_low"],
+                    eps_high=a[f"{a.policy_loss}_clip_high"])
     train_step = GRPOTrainStep(chunks, optimizer, scheduler, micro_batch_size=a.micro_batch_size,
                                temperature=cfg.rollout.temperature, vocab_size=info.vocab_size, loss=loss,
                                max_len=cfg.rollout.max_new_tokens)

@@ -50,7 +50,7 @@ __all__ = ["GRPOTrainStep"]
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
 # grpo_loss keywords the step passes through (GRPO math lives in algorithms/)
 _LOSS_KEYS = ("agg_mode", "eps_low", "eps_high", "dual_clip", "kl_coef", "kl_kind", "kl_clamp", "is_level",
-              "is_cap", "entropy_coef")
+              "is_cap", "entropy_coef", "policy_loss_kind")
 
 
 class GRPOTrainStep:
@@ -62,7 +62,7 @@ class GRPOTrainStep:
     are ``log_softmax(logits / T)``, like vLLM's processed logprobs). ``vocab_size``: the true
     vocabulary (HF ``config.vocab_size``); padded rows are excluded from the softmax.
     ``loss``: keyword arguments for ``algorithms.grpo_loss`` (agg_mode, eps_low, eps_high,
-    dual_clip, kl_coef, kl_kind, kl_clamp, is_level, is_cap, entropy_coef). ``max_len``: the run's
+    dual_clip, kl_coef, kl_kind, kl_clamp, is_level, is_cap, entropy_coef, policy_loss_kind). ``max_len``: the run's
     max completion length, needed by ``agg_mode="seq-mean-token-sum-norm"``. ``log_entropy``:
     compute the policy entropy as a metric even when ``entropy_coef == 0`` (cheap).
     """
