@@ -77,6 +77,10 @@ class AlgorithmConfig:
     update_epochs: int = 1  # mu: optimisation passes over each batch
     mini_batches: int = 1  # optimizer steps per pass
     micro_batch_size: int = 4  # sequences per forward/backward
+    # token-budget micro-batches (veRL dynamic batch size / NeMo-RL dynamic batching): rows grouped longest
+    # first under this many padded tokens per forward/backward, each cut to its longest row, DP ranks
+    # balanced by tokens; null = micro_batch_size rows padded to the batch's longest row
+    max_tokens_per_microbatch: Optional[int] = None
     dynamic_sampling: bool = False  # drop zero-variance groups, refill
     dynamic_sampling_max_batches: int = 4
     overlong_filtering: bool = False  # mask completions truncated at max_new_tokens
