@@ -73,3 +73,14 @@ def test_on_policy_shortcut_exact_and_token_budget_exact_pp2_dp2(model_dir):
         on = rep[f"{key}_onpolicy"]
         assert on["forward_calls_full"] > on["forward_calls_shortcut"]
     assert results[1]["tp1pp2dp1_onpolicy"]["loss"] == rep["tp1pp2dp1_onpolicy"]["loss"]
+
+
+def test_bad_token_budget_is_one_config_error():
+    from megatron_grpo.config import load_config, validate
+    from megatron_grpo.config.validate import ConfigError
+
+    cfg = load_config("configs/grpo_tiny_cpu.yaml", ["algorithm.max_tokens_per_microbatch=0"])
+    with pytest.raises(ConfigError, match="algorithm.max_tokens_per_microbatch=0 must be > 0"):
+        validate(cfg, check_paths=False)
+    validate(load_config("configs/grpo_tiny_cpu.yaml", ["algorithm.max_tokens_per_microbatch=512"]),
+             check_paths=False)

@@ -81,6 +81,9 @@ class AlgorithmConfig:
     # first under this many padded tokens per forward/backward, each cut to its longest row, DP ranks
     # balanced by tokens; null = micro_batch_size rows padded to the batch's longest row
     max_tokens_per_microbatch: Optional[int] = None
+    # on-policy (update_epochs = mini_batches = 1) the old logprobs are the training forward's own; true runs
+    # the separate old-policy pass anyway (same numbers, one forward pass more; for comparison)
+    recompute_old_logprobs: bool = False
     dynamic_sampling: bool = False  # drop zero-variance groups, refill
     dynamic_sampling_max_batches: int = 4
     overlong_filtering: bool = False  # mask completions truncated at max_new_tokens
