@@ -24,8 +24,10 @@ def row_lengths(mask: torch.Tensor) -> list[int]:
     never lets later positions influence earlier ones, so the rest of the row can be cut off."""
     m = mask != 0
     t = m.shape[1]
-    pos = torch.arange(1, t + 1).expand_as(m)
-    return [max(1, int(x)) for x in torch.where(m, pos, torch.zeros_like(pos)).max(dim=1).values]
+    if m.shape[0] == 0:
+        return []
+    pos = torch.arange(1, t + 1, device=m.device).expand_as(m)
+    return [max(1, x) for x in torch.where(m, pos, torch.zeros_like(pos)).max(dim=1).values.tolist()]
 
 
 def _greedy(order: list[int], lengths: Sequence[int], cap: int) -> list[list[int]]:
