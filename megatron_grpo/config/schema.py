@@ -85,6 +85,13 @@ class AlgorithmConfig:
     update_epochs: int = 1  # mu: optimisation passes over each batch
     mini_batches: int = 1  # optimizer steps per pass
     micro_batch_size: int = 4  # sequences per forward/backward
+    # token-budget micro-batches (veRL dynamic batch size / NeMo-RL dynamic batching): rows grouped longest
+    # first under this many padded tokens per forward/backward, each cut to its longest row, DP ranks
+    # balanced by tokens; null = micro_batch_size rows padded to the batch's longest row
+    max_tokens_per_microbatch: Optional[int] = None
+    # on-policy (update_epochs = mini_batches = 1) the old logprobs are the training forward's own; true runs
+    # the separate old-policy pass anyway (same numbers, one forward pass more; for comparison)
+    recompute_old_logprobs: bool = False
     dynamic_sampling: bool = False  # drop zero-variance groups, refill
     dynamic_sampling_max_batches: int = 4
     overlong_filtering: bool = False  # mask completions truncated at max_new_tokens

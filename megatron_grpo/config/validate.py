@@ -184,6 +184,9 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if a.dual_clip is not None and a.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or null to disable)")
     _check_policy_loss(a)
+    if a.max_tokens_per_microbatch is not None and a.max_tokens_per_microbatch <= 0:
+        raise ConfigError(f"algorithm.max_tokens_per_microbatch={a.max_tokens_per_microbatch} must be > 0 "
+                          "(or null for fixed micro_batch_size micro-batches)")
     if a.kl_coef > 0 and a.reference == "none":
         raise ConfigError(f"algorithm.reference=none needs algorithm.kl_coef=0 (got {a.kl_coef}); "
                           "use reference=copy or swap for a KL penalty")

@@ -386,6 +386,7 @@ def compute_logprobs(
     chunk_size=None,
     attention_mask=None,
     backend="chunked",
+    max_tokens=None,
 ):
     """Forward-only logprobs of a batch through a TP x PP Megatron GPT model, returned on EVERY rank.
 
@@ -401,7 +402,9 @@ def compute_logprobs(
     micro-batches of ``micro_batch_size`` (the batch is padded with empty rows to a multiple),
     computes logprobs on the last stage per micro-batch (the logits of a micro-batch are dropped
     before the next one), then broadcasts ``[B, T]`` fp32 from the last stage across the PP group.
-    Returns ``logprobs`` or ``(logprobs, entropy)``.
+    Returns ``logprobs`` or ``(logprobs, entropy)``. ``max_tokens``: token-budget micro-batches
+    instead (``training/token_budget.py``: rows grouped under this many padded tokens, each
+    micro-batch cut to its longest row; causal attention only).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -430,12 +433,19 @@ def compute_logprobs(
             "input_ids": ids[sl], "mask": msk[sl],
             "attention_mask": am[sl] if am is not None and am.shape[0] != 1 else am,
         })
+    groups = None
+    if max_tokens and attention_mask is None:
+        from megatron_grpo.training.micro_batching import budget_logprob_batches
+
+        batches, groups = budget_logprob_batches(ids[:b], msk[:b], max_tokens, chunks[0])
+        n_mb, mbs = len(batches), max(x["input_ids"].shape[0] for x in batches)
     lp_kwargs = dict(temperature=temperature, vocab_size=vocab_size, with_entropy=with_entropy,
                      chunk_size=chunk_size, backend=backend)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(input_ids=mb["input_ids"], position_ids=positions, attention_mask=mb["attention_mask"])
+        out = model(input_ids=mb["input_ids"], position_ids=mb.get("position_ids", positions),
+                    attention_mask=mb["attention_mask"])
 
         def collect(logits, non_loss_data=True):
             res = token_logprobs(logits, mb["input_ids"], mb["mask"], **lp_kwargs)
@@ -446,8 +456,12 @@ def compute_logprobs(
     was_training = [c.training for c in chunks]
     for c in chunks:
         c.eval()
+    from megatron.core.utils import get_model_config
+
+    from megatron_grpo.training.micro_batching import assemble_rows, variable_shapes
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), variable_shapes(get_model_config(chunks[0]), groups is not None):
             collected = get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=iter(batches), model=chunks,
                 num_microbatches=n_mb, seq_length=t, micro_batch_size=mbs, forward_only=True,
@@ -459,7 +473,7 @@ def compute_logprobs(
 
     k = 2 if with_entropy else 1
     if ps.is_pipeline_last_stage():
-        result = torch.cat(list(collected), dim=1)[:, :b].contiguous()
+        result = assemble_rows(collected, groups, b, t)
     else:
         result = torch.empty(k, b, t, dtype=torch.float32, device=dev)
     if ps.get_pipeline_model_parallel_world_size() > 1:

@@ -178,7 +178,7 @@ def load_tokenizer(cfg):
 
 def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layout, tokenizer, logger) -> dict:
     """One GRPO step on every rank; returns this step's metrics (identical on every rank)."""
-    from megatron_grpo.models.logprobs import compute_logprobs
+    from megatron_grpo.trainer.passes import dp_shard_rows, gather_rows, old_policy_logprobs
     from megatron_grpo.training.batch import GRPOBatch
 
     a, G = cfg.algorithm, cfg.rollout.num_generations
@@ -193,27 +193,30 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
     mask = batching.loss_mask(tensors, excluded=result.excluded, overlong_filtering=a.overlong_filtering)
 
     # 2. logprobs of the completions under the policy that generated them, and the reference
-    lo, hi = _dp_rows(len(rollout), layout)
-    ids, shard_mask = tensors.input_ids[lo:hi], mask[lo:hi]
+    rows = dp_shard_rows(len(rollout), layout, mask, a.max_tokens_per_microbatch)
+    ids, shard_mask = tensors.input_ids[rows], mask[rows]
     lp_kwargs = dict(micro_batch_size=a.micro_batch_size, temperature=cfg.rollout.temperature,
-                     vocab_size=policy.info.vocab_size)
+                     vocab_size=policy.info.vocab_size, max_tokens=a.max_tokens_per_microbatch)
     with timer("logprobs"):
-        old_lp = compute_logprobs(policy.chunks, ids, shard_mask, **lp_kwargs)
+        old_lp = old_policy_logprobs(cfg, policy.chunks, ids, shard_mask, **lp_kwargs)  # None: on-policy
         ref_lp = policy.reference.logprobs(ids, shard_mask, **lp_kwargs)
-    if step == 1 and cfg.trainer.logprob_check_at_start:
-        check_rollout_parity(cfg, old_lp, tensors.rollout_logprobs[lo:hi], shard_mask)
+    if step == 1 and cfg.trainer.logprob_check_at_start and old_lp is not None:
+        check_rollout_parity(cfg, old_lp, tensors.rollout_logprobs[rows], shard_mask)
 
     # 3. advantages over whole groups (KL folded into the reward when configured)
     if a.kl_in_reward and ref_lp is not None:
-        seq_kl = _gather_rows(sequence_kl(old_lp, ref_lp, shard_mask, kind=a.kl_kind, clamp=a.kl_clamp), layout)
+        seq_kl = gather_rows(sequence_kl(old_lp, ref_lp, shard_mask, kind=a.kl_kind, clamp=a.kl_clamp), rows,
+                             len(rollout), layout)
         rewards = kl_in_reward(rewards, seq_kl, a.kl_coef)
     advantages = group_advantages(rewards, G, scale=a.adv_scale, leave_one_out=a.leave_one_out)
 
     # 4. policy updates: update_epochs passes x mini_batches optimizer steps over this rank's share
-    batch = GRPOBatch(input_ids=ids, completion_mask=shard_mask, advantages=advantages[lo:hi], old_logprobs=old_lp,
-                      ref_logprobs=ref_lp, rollout_logprobs=tensors.rollout_logprobs[lo:hi])
+    batch = GRPOBatch(input_ids=ids, completion_mask=shard_mask, advantages=advantages[rows], old_logprobs=old_lp,
+                      ref_logprobs=ref_lp, rollout_logprobs=tensors.rollout_logprobs[rows])
     with timer("train"):
         updates = [policy.train_step(mb) for _ in range(a.update_epochs) for mb in _split(batch, a.mini_batches)]
+    if step == 1 and cfg.trainer.logprob_check_at_start and old_lp is None:  # the training forward's, pre-update
+        check_rollout_parity(cfg, policy.train_step.last_logprobs, tensors.rollout_logprobs[rows], shard_mask)
     # 5. weight sync into vLLM
     with timer("sync"):
         bridge.sync()
@@ -275,21 +278,6 @@ def merge_informative(kept, results, G, wanted):
     metrics = dict(results[-1][0].metrics)
     return merged, RewardBatchResult(rewards={k: v[:n] for k, v in rewards.items()}, total=total[:n],
                                      excluded=excluded[:n], metrics=metrics)
-
-
-def _dp_rows(n: int, layout) -> tuple[int, int]:
-    base, extra = divmod(n, layout.dp)
-    lo = layout.dp_rank * base + min(layout.dp_rank, extra)
-    return lo, lo + base + (1 if layout.dp_rank < extra else 0)
-
-
-def _gather_rows(local: torch.Tensor, layout) -> torch.Tensor:
-    """Concatenate per-DP-rank row blocks back into the global order (on every rank)."""
-    from megatron.core import parallel_state as ps
-
-    parts = [None] * layout.dp
-    dist.all_gather_object(parts, local.cpu(), group=ps.get_data_parallel_group())
-    return torch.cat(parts)
 
 
 def _split(batch, parts: int):
@@ -366,7 +354,7 @@ def check_rollout_parity(cfg, old_lp, rollout_lp, mask) -> None:
     if r.top_p < 1.0 or r.top_k > 0:
         return  # processed logprobs include top-p/top-k renormalisation: not comparable
     sel = mask != 0
-    err = float((old_lp[sel] - rollout_lp[sel]).abs().max()) if bool(sel.any()) else 0.0
+    err = float((old_lp[sel] - rollout_lp[sel]).abs().max()) if old_lp is not None and bool(sel.any()) else 0.0
     t = torch.tensor([err])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     err = float(t.item())

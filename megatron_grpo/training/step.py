@@ -43,6 +43,7 @@ from megatron_grpo.algorithms import (
 from megatron_grpo.models.logprobs import token_logprobs
 
 from .batch import GRPOBatch
+from .micro_batching import assemble_rows, padding_fraction, split_micro_batches, variable_shapes
 from .optimizer import finalize_model_grads_summed
 
 __all__ = ["GRPOTrainStep"]
@@ -70,7 +71,7 @@ class GRPOTrainStep:
     def __init__(self, model_chunks, optimizer, scheduler=None, *, micro_batch_size: int,
                  temperature: float = 1.0, vocab_size: int | None = None, loss: dict | None = None,
                  max_len: int | None = None, log_entropy: bool = True, chunk_size: int | None = None,
-                 logprob_backend: str = "chunked"):
+                 logprob_backend: str = "chunked", max_tokens_per_microbatch: int | None = None):
         from megatron.core.utils import get_model_config
 
         self.model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -84,6 +85,8 @@ class GRPOTrainStep:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.micro_batch_size = int(micro_batch_size)
+        self.max_tokens = int(max_tokens_per_microbatch) if max_tokens_per_microbatch else None
+        self.last_logprobs = None  # [B, T] of the last call's training forward (last PP stage; else None)
         self.loss_kwargs = dict(loss or {})
         unknown = set(self.loss_kwargs) - set(_LOSS_KEYS)
         if unknown:
@@ -106,7 +109,7 @@ class GRPOTrainStep:
         dist.all_reduce(n, op=dist.ReduceOp.SUM, group=ps.get_data_parallel_group())
         return n
 
-    def _forward_step(self, normalizer):
+    def _forward_step(self, normalizer, captured=None):
         positions_cache = {}
 
         def forward_step(data_iterator, model):
@@ -120,6 +123,8 @@ class GRPOTrainStep:
                 res = token_logprobs(logits, mb.input_ids, mb.completion_mask, with_entropy=self.with_entropy,
                                      **self.lp_kwargs)
                 lp, ent = res if self.with_entropy else (res, None)
+                if captured is not None:
+                    captured.append(lp.detach().clone())  # the old-policy logprobs when on-policy
                 loss, metrics = grpo_loss(
                     lp, mb.old_logprobs, mb.advantages, mb.completion_mask, normalizer=normalizer,
                     ref_logprobs=mb.ref_logprobs, rollout_logprobs=mb.rollout_logprobs, entropy=ent,
@@ -197,19 +202,24 @@ class GRPOTrainStep:
         batch = batch.to(device)
         if batch.batch_size == 0:
             batch = batch.pad_rows(1)  # every rank runs the schedule (and DDP's all-reduce) once
-        micro_batches = batch.micro_batches(self.micro_batch_size)
+        micro_batches, groups, tokens = split_micro_batches(batch, self.micro_batch_size, self.max_tokens,
+                                                            self.config)
         normalizer = self._global_normalizer(micro_batches, device)
 
         self._zero_grads()
         for chunk in self.model_chunks:
             chunk.train()
-        per_mb = get_forward_backward_func()(
-            forward_step_func=self._forward_step(normalizer), data_iterator=iter(micro_batches),
-            model=self.model_chunks, num_microbatches=len(micro_batches), seq_length=batch.seq_length,
-            micro_batch_size=self.micro_batch_size, forward_only=False,
-        )
+        captured = []
+        with variable_shapes(self.config, groups is not None):
+            per_mb = get_forward_backward_func()(
+                forward_step_func=self._forward_step(normalizer, captured), data_iterator=iter(micro_batches),
+                model=self.model_chunks, num_microbatches=len(micro_batches), seq_length=batch.seq_length,
+                micro_batch_size=max(mb.batch_size for mb in micro_batches), forward_only=False,
+            )
+        self.last_logprobs = assemble_rows(captured, groups, batch.batch_size, batch.seq_length)
         metrics = self._reduce_metrics(per_mb)
-        metrics.update({"num_microbatches": float(len(micro_batches)), "normalizer": float(normalizer)})
+        metrics.update({"num_microbatches": float(len(micro_batches)), "normalizer": float(normalizer),
+                        "padding_frac": padding_fraction(tokens, device)})
         return metrics
 
     def __call__(self, batch: GRPOBatch) -> dict:

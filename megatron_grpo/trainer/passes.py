@@ -1,0 +1,60 @@
+"""Which forward passes a GRPO step needs, and how its rows are shared over data-parallel ranks.
+
+* Old-policy logprobs: with one update pass over one mini-batch (``update_epochs == 1``,
+  ``mini_batches == 1``) the policy that generated the batch IS the policy being trained, so the
+  old logprobs are the training forward's own, detached (``grpo_loss(old_logprobs=None)``): the
+  separate forward pass over the batch is skipped (TRL does the same when ``num_iterations=1``).
+  The values are the same (same weights, same micro-batches), so the loss, gradients, IS weights
+  and mismatch metrics are too. Only ``kl_in_reward`` needs them before training (for the
+  advantages) and keeps the separate pass.
+* DP shards: contiguous rows by default; with token-budget micro-batches
+  (``algorithm.max_tokens_per_microbatch``) rows are balanced by tokens (``training/token_budget``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["on_policy", "old_policy_logprobs", "dp_shard_rows", "gather_rows"]
+
+
+def on_policy(cfg) -> bool:
+    """True when the training forward's logprobs can serve as the old-policy logprobs."""
+    a = cfg.algorithm
+    if a.get("recompute_old_logprobs", False):
+        return False
+    return a.update_epochs == 1 and a.mini_batches == 1 and not (a.kl_in_reward and a.kl_coef > 0)
+
+
+def old_policy_logprobs(cfg, chunks, ids, mask, **lp_kwargs):
+    """The old-policy logprobs ``[B, T]``, or None when on-policy (the training forward gives them)."""
+    from megatron_grpo.models.logprobs import compute_logprobs
+
+    if on_policy(cfg):
+        return None
+    return compute_logprobs(chunks, ids, mask, **lp_kwargs)
+
+
+def dp_shard_rows(n: int, layout, mask=None, max_tokens=None):
+    """This DP rank's rows of the global batch: a slice (contiguous, sizes differ by at most one) or,
+    with a token budget, an index tensor of rows balanced by tokens."""
+    if max_tokens and mask is not None and layout.dp > 1:
+        from megatron_grpo.training.token_budget import balance_dp, row_lengths
+
+        return torch.tensor(balance_dp(row_lengths(mask), layout.dp)[layout.dp_rank], dtype=torch.long)
+    base, extra = divmod(n, layout.dp)
+    lo = layout.dp_rank * base + min(layout.dp_rank, extra)
+    return slice(lo, lo + base + (1 if layout.dp_rank < extra else 0))
+
+
+def gather_rows(local: torch.Tensor, rows, n: int, layout) -> torch.Tensor:
+    """Every DP rank's rows ``local`` (its ``rows`` of the global batch) back in global order, on every rank."""
+    from megatron.core import parallel_state as ps
+
+    idx = torch.arange(n)[rows] if isinstance(rows, slice) else rows
+    parts = [None] * layout.dp
+    dist.all_gather_object(parts, (local.cpu(), idx.cpu()), group=ps.get_data_parallel_group())
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype)
+    for part, i in parts:
+        out[i] = part
+    return out
