@@ -26,6 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--tp", type=int, default=1, help="tensor parallel size (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallel size (default 1)")
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size, MoE models (default 1)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="parameter dtype of the checkpoint (auto: the HF config's dtype)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
@@ -39,6 +40,7 @@ def _preflight(args):
     """Checks that need no process group: fail fast, on every rank alike, before any collective."""
     from megatron_grpo.models.checkpoint_io import CheckpointError
     from megatron_grpo.models.loader import HFCheckpoint
+    from megatron_grpo.models.moe import check_moe_parallel
     from megatron_grpo.models.provider import check_parallel, load_model_info
 
     info = load_model_info(args.hf, trust_remote_code=args.trust_remote_code,
@@ -48,6 +50,7 @@ def _preflight(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (args.tp * args.pp):
         raise CheckpointError(f"world size {world} is not divisible by tp*pp = {args.tp}*{args.pp}")
+    check_moe_parallel(info, tp=args.tp, ep=args.ep, pp=args.pp, world=world)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CheckpointError(f"{out} exists and is not empty (pass --force to overwrite)")
@@ -62,17 +65,18 @@ def run(args, pre=None) -> dict:
 
     info = pre if pre is not None else _preflight(args)
     started = time.monotonic()
-    with parallel_session(tp=args.tp, pp=args.pp) as layout:
+    with parallel_session(tp=args.tp, pp=args.pp, ep=args.ep) as layout:
         out = prepare_output_dir(args.out, force=args.force, protect=(args.hf,))
         dtype = info.dtype if args.dtype == "auto" else args.dtype
-        config = transformer_config(info, tp=args.tp, pp=args.pp, dtype=dtype, perform_initialization=False)
+        config = transformer_config(info, tp=args.tp, pp=args.pp, dtype=dtype, perform_initialization=False,
+                                    ep=args.ep)
         model = build_gpt_model(info, config)
         report = load_hf_weights(model, args.hf, info, progress=progress_printer("load"))
         if layout.rank == 0:
             print(f"[save] writing dist checkpoint to {out}", flush=True)
         save_megatron_checkpoint(model, out, info, hf_dir=args.hf,
                                  extra_meta={"source": str(Path(args.hf).resolve()), "created_by": "convert_hf_to_megatron"})
-        summary = {"out": str(out), "tp": args.tp, "pp": args.pp, "dtype": dtype,
+        summary = {"out": str(out), "tp": args.tp, "pp": args.pp, "ep": args.ep, "dtype": dtype,
                    "padded_vocab_size": info.padded_vocab_size(args.tp), "rank0_tensors": report.tensors,
                    "rank0_bytes_read": report.bytes_read, "seconds": round(time.monotonic() - started, 2)}
         if layout.rank == 0:

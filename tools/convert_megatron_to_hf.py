@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output Hugging Face folder")
     p.add_argument("--tp", type=int, default=None, help="TP to load at (default: the checkpoint's, if the world allows)")
     p.add_argument("--pp", type=int, default=None, help="PP to load at (default: the checkpoint's, if the world allows)")
+    p.add_argument("--ep", type=int, default=None, help="expert parallel size to load at, MoE models (default: the "
+                   "checkpoint's, if the world allows)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the written weights (auto: the checkpoint's)")
     p.add_argument("--hf-config", default=None,
@@ -52,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _preflight(args):
     from megatron_grpo.models.checkpoint_io import HF_SUBDIR, CheckpointError, read_checkpoint_meta
+    from megatron_grpo.models.moe import check_moe_parallel
     from megatron_grpo.models.provider import ModelInfo, check_parallel
 
     meta = read_checkpoint_meta(args.ckpt)
@@ -64,6 +67,10 @@ def _preflight(args):
     check_parallel(info, tp=tp, pp=pp)
     if world % (tp * pp):
         raise CheckpointError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+    ep = args.ep or meta.get("ep", 1)
+    if args.ep is None and (world // pp) % (tp * ep):
+        ep = 1
+    check_moe_parallel(info, tp=tp, ep=ep, pp=pp, world=world)
     if meta["padded_vocab_size"] % tp:
         raise CheckpointError(f"the checkpoint's padded vocab {meta['padded_vocab_size']} does not divide by tp={tp}")
     side = Path(args.hf_config) if args.hf_config else Path(args.ckpt) / HF_SUBDIR
@@ -72,7 +79,7 @@ def _preflight(args):
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise CheckpointError(f"{out} exists and is not empty (pass --force to overwrite)")
-    return meta, info, tp, pp, side, parse_size(args.max_shard_size)
+    return meta, info, tp, pp, ep, side, parse_size(args.max_shard_size)
 
 
 def _write_side_files(side: Path, out: Path, dtype_name: str) -> None:
@@ -99,11 +106,11 @@ def run(args, pre=None) -> dict:
                                                     prepare_output_dir, progress_printer)
     from megatron_grpo.models.provider import build_gpt_model, transformer_config
 
-    meta, info, tp, pp, side, shard_bytes = pre if pre is not None else _preflight(args)
+    meta, info, tp, pp, ep, side, shard_bytes = pre if pre is not None else _preflight(args)
     started = time.monotonic()
-    with parallel_session(tp=tp, pp=pp) as layout:
+    with parallel_session(tp=tp, pp=pp, ep=ep) as layout:
         out = prepare_output_dir(args.out, force=args.force, protect=(args.ckpt,))
-        config = transformer_config(info, tp=tp, pp=pp, dtype=meta["dtype"], perform_initialization=False)
+        config = transformer_config(info, tp=tp, pp=pp, dtype=meta["dtype"], perform_initialization=False, ep=ep)
         model = build_gpt_model(info, config, padded_vocab_size=meta["padded_vocab_size"])
         if layout.rank == 0:
             print(f"[load] {args.ckpt} (saved at tp={meta['tp']} pp={meta['pp']}) at tp={tp} pp={pp}", flush=True)
@@ -113,7 +120,7 @@ def run(args, pre=None) -> dict:
                           progress=progress_printer("export"))
         if layout.rank == 0:
             _write_side_files(side, out, dtype_name)
-        summary = {"out": str(out), "tp": tp, "pp": pp, "dtype": dtype_name, "files": files,
+        summary = {"out": str(out), "tp": tp, "pp": pp, "ep": ep, "dtype": dtype_name, "files": files,
                    "seconds": round(time.monotonic() - started, 2)}
         if layout.rank == 0:
             print(f"[done] {summary}", flush=True)

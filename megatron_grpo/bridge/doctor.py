@@ -122,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face model folder")
     p.add_argument("--tp", type=int, default=1, help="Megatron tensor parallel size")
     p.add_argument("--pp", type=int, default=1, help="Megatron pipeline parallel size")
+    p.add_argument("--ep", type=int, default=1, help="Megatron expert parallel size (MoE models)")
     p.add_argument("--rollout-tp", type=int, default=1, help="vLLM tensor parallel size")
     p.add_argument("--placement", choices=("colocated", "disaggregated"), default="colocated")
     p.add_argument("--transport", choices=("pg", "fs"), default="pg", help="disaggregated weight transport")
@@ -146,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _relaunch(args, argv) -> int:
-    world = math.lcm(args.tp * args.pp, args.rollout_tp if args.placement == "colocated" else 1)
+    world = math.lcm(args.tp * args.pp * args.ep, args.rollout_tp if args.placement == "colocated" else 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
            "-m", "megatron_grpo.bridge.doctor", *argv]
@@ -174,7 +175,7 @@ def default_context_length(model_dir: str, cap: int = 1024) -> int:
 def doctor_main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    world = math.lcm(args.tp * args.pp, args.rollout_tp if args.placement == "colocated" else 1)
+    world = math.lcm(args.tp * args.pp * args.ep, args.rollout_tp if args.placement == "colocated" else 1)
     if "RANK" not in os.environ and world > 1:
         return _relaunch(args, argv)
 
@@ -187,7 +188,7 @@ def doctor_main(argv=None) -> int:
     from megatron_grpo.rollout import EngineConfig, SamplingConfig
 
     max_len = args.max_model_len or default_context_length(args.model)
-    init_distributed(tp=args.tp, pp=args.pp, seed=args.seed)
+    init_distributed(tp=args.tp, pp=args.pp, seed=args.seed, ep=args.ep)
     rank0 = dist.get_rank() == 0
     cfg = EngineConfig(model=args.model, tensor_parallel_size=args.rollout_tp, max_model_len=max_len,
                        seed=args.seed)

@@ -13,6 +13,10 @@ Bucket rules, and why:
   module buffered across buckets;
 * otherwise buckets are filled greedily up to ``bucket_bytes`` of full (TP-gathered) tensor bytes;
   a module larger than the limit gets a bucket of its own.
+
+MoE with expert parallelism: a routed expert lives on one EP rank (``ParamEntry.ep_owner``); the
+plan lists every expert of a layer (all EP ranks' entries, one object all-gather over the EP group)
+so every rank walks the same buckets, and the sync streams each expert from its owner.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class ParamEntry:
     local_shape: tuple[int, ...]
     dtype: str
     full_nbytes: int
+    ep_owner: int = -1  # routed experts at EP > 1: the EP rank that holds it; -1 = every EP rank
 
     @property
     def module(self) -> str:
@@ -64,12 +69,46 @@ def local_params(model_chunks, info: ModelInfo) -> list[tuple[str, torch.nn.Para
 
 
 def local_entries(model_chunks, info: ModelInfo, *, pp_rank: int, tp_size: int) -> list[ParamEntry]:
+    from megatron_grpo.models.moe import is_expert_param, shard_position
+
     out = []
     for name, p in local_params(model_chunks, info):
         kind = hm.param_kind(info, name)
-        mult = 1 if kind == "replicated" else tp_size
+        expert = is_expert_param(name)
+        mult = 1 if kind == "replicated" else (shard_position(name)[1] if expert else tp_size)
         out.append(ParamEntry(name, pp_rank, kind, tuple(p.shape), str(p.dtype).removeprefix("torch."),
-                              p.numel() * p.element_size() * mult))
+                              p.numel() * p.element_size() * mult, ep_owner=_ep_rank() if expert else -1))
+    return out
+
+
+def _ep_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_expert_model_parallel_rank() if ps.get_expert_model_parallel_world_size() > 1 else -1
+
+
+def _with_all_experts(mine: list[ParamEntry]) -> list[ParamEntry]:
+    """``mine`` with the other EP ranks' experts inserted where this rank's experts of a layer start."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return mine
+    gathered = [None] * ps.get_expert_model_parallel_world_size()
+    dist.all_gather_object(gathered, [e for e in mine if e.ep_owner >= 0],
+                           group=ps.get_expert_model_parallel_group())
+    by_layer: dict[str, list[ParamEntry]] = {}
+    for e in (e for rank_entries in gathered for e in rank_entries):
+        by_layer.setdefault(e.name.split(".mlp.experts.")[0], []).append(e)
+    out, done = [], set()
+    for e in mine:
+        if e.ep_owner < 0:
+            out.append(e)
+            continue
+        layer = e.name.split(".mlp.experts.")[0]
+        if layer not in done:
+            done.add(layer)
+            out += sorted(by_layer[layer], key=lambda x: (int(x.name.split(".local_experts.")[1].split(".")[0]), x.name))
     return out
 
 
@@ -101,7 +140,8 @@ def global_entries(model_chunks, info: ModelInfo) -> list[ParamEntry]:
     from megatron.core import parallel_state as ps
 
     pp_rank, pp = ps.get_pipeline_model_parallel_rank(), ps.get_pipeline_model_parallel_world_size()
-    mine = local_entries(model_chunks, info, pp_rank=pp_rank, tp_size=ps.get_tensor_model_parallel_world_size())
+    mine = _with_all_experts(
+        local_entries(model_chunks, info, pp_rank=pp_rank, tp_size=ps.get_tensor_model_parallel_world_size()))
     if pp == 1:
         return mine
     gathered = [None] * pp

@@ -101,10 +101,12 @@ class WeightBridge:
         self.buckets: list[Bucket] = make_buckets(entries, self.bucket_bytes)
         self._meta = {}
         self.placement = getattr(engine, "placement", "colocated")
+        self.ep_entries = any(e.ep_owner >= 0 for e in entries)  # MoE at EP > 1: experts move over EP
         if self.placement == "disaggregated":
             self.driver = int(engine.driver_rank)
             # the Megatron ranks on the driver's (dp, tp) column take part; others idle during a sync
-            self.active = self.dp_rank == 0
+            # (at EP > 1 the column's EP peers too: they own the other experts)
+            self.active = (ps.get_expert_data_parallel_rank() == 0) if self.ep_entries else self.dp_rank == 0
             self.is_target = self.rank == self.driver
         else:
             self.driver = None
@@ -160,7 +162,7 @@ class WeightBridge:
         /dev/shm for the parameters of every rank of the job (tmpfs fails writes with SIGBUS, not
         an error, when full)."""
         entries = self.entries_by_name.values()
-        ok = (wanted is not False and shared_params.available() and self._device().type == "cpu"
+        ok = (wanted is not False and not self.ep_entries and shared_params.available() and self._device().type == "cpu"
               and (self.tp == 1 or all(e.kind == "replicated" or e.kind in self.slice_kinds for e in entries)))
         if ok:
             need = shared_params.storage_bytes(p.detach() for p in self.params.values()) * dist.get_world_size()
@@ -247,7 +249,7 @@ class WeightBridge:
         TP gather, see :meth:`_zero_copy_ok`)."""
         convert = self.tp_rank == 0 or self.placement == "colocated"
         gathered = [e for e in bucket.entries if self.tp > 1 and e.kind != "replicated"
-                    and e.kind not in self.slice_kinds]
+                    and e.kind not in self.slice_kinds and e.ep_owner < 0]
         if gathered and source is not None:
             raise RuntimeError(f"bridge: {gathered[0].name} of another stage would need a TP gather")
         fulls = {}
@@ -257,6 +259,12 @@ class WeightBridge:
             fulls = self._tp_gather_shm(gathered)
         out = []
         for e in bucket.entries:
+            if e.ep_owner >= 0:  # a routed expert at EP > 1: full tensor from its owner
+                if convert:
+                    out.extend(hm.megatron_to_hf(self.info, e.name, self._expert_full(e)))
+                else:
+                    self._expert_full(e)
+                continue
             if e.kind in self.slice_kinds:
                 out.extend(to_slots(self.info, e.name, e.kind, self._local_shard(e, source), self.tp_rank, self.tp))
                 continue
@@ -272,6 +280,27 @@ class WeightBridge:
             if convert:
                 out.extend(hm.megatron_to_hf(self.info, e.name, full))
         return out
+
+    def _expert_full(self, e) -> torch.Tensor:
+        """The full tensor of routed expert ``e`` on every rank of its EP group: the owner gathers its
+        expert-TP shards, then broadcasts over EP (collective over both groups)."""
+        from megatron.core import parallel_state as ps
+
+        etp = ps.get_expert_tensor_parallel_world_size()
+        ep_group = ps.get_expert_model_parallel_group()
+        if e.ep_owner == ps.get_expert_model_parallel_rank():
+            full = self._local_shard(e)
+            if etp > 1 and e.kind != "replicated":
+                shards = [torch.empty_like(full) for _ in range(etp)]
+                dist.all_gather(shards, full.contiguous(), group=ps.get_expert_tensor_parallel_group())
+                full = hm.tp_gather(e.name, shards, self.info)
+            full = full.contiguous()
+        else:
+            shape = e.local_shape if e.kind == "replicated" else hm.tp_full_shape(e.name, e.local_shape, etp, self.info)
+            dtype = self.transfer_dtype or getattr(torch, e.dtype)
+            full = torch.empty(shape, dtype=dtype, device=self._device())
+        dist.broadcast(full, src=dist.get_global_rank(ep_group, e.ep_owner), group=ep_group)
+        return full
 
     @staticmethod
     def _pack(items, out=None):

@@ -36,6 +36,8 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    # expert parallel size (MoE models): experts split over ep ranks, carved out of DP; expert TP = tp
+    ep: int = 1
     # None: world size from the launcher (torchrun / srun); DP = world / (TP x PP)
     world_size: Optional[int] = None
     timeout_s: float = 600.0  # collective timeout: a lost rank becomes an error, not a hang

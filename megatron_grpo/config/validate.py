@@ -32,7 +32,8 @@ CHOICES = {
     "logging.wandb_mode": ("online", "offline"),
 }
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+                           "Qwen2MoeForCausalLM")
 
 
 def _get(cfg: DictConfig, dotted: str):
@@ -63,11 +64,15 @@ def model_shape(cfg: DictConfig) -> dict:
             "kv_heads": int(hf.get("num_key_value_heads") or heads),
             "vocab": int(hf["vocab_size"]),
             "layers": int(hf["num_hidden_layers"]),
+            "experts": int(hf.get("num_experts") or 0),
+            "moe_ffn": int(hf.get("moe_intermediate_size") or 0),
         }
     if cfg.model.init == "tiny":
         t = cfg.model.tiny
+        moe = str(t.arch).endswith("_moe")
         return {"arch": t.arch, "heads": t.num_attention_heads, "kv_heads": t.num_key_value_heads,
-                "vocab": t.vocab_size, "layers": t.num_layers}
+                "vocab": t.vocab_size, "layers": t.num_layers, "experts": t.num_experts if moe else 0,
+                "moe_ffn": t.moe_intermediate_size if moe else 0}
     if not path.exists():
         raise ConfigError(f"model.path: {path} does not exist (an HF model folder with config.json is expected)")
     raise ConfigError(f"model.path: {path} has no config.json (is it an HF model folder?)")
@@ -162,10 +167,22 @@ def _check_policy_loss(a) -> None:
                               "(its IS weight is already clipped); set algorithm.dual_clip=null")
 
 
+def _check_experts(cfg: DictConfig, shape: dict) -> None:
+    """Expert parallelism: ep divides the experts, expert TP (= tp) divides the expert FFN size."""
+    ep, tp, experts = cfg.parallel.ep, cfg.parallel.tp, shape.get("experts", 0)
+    if ep > 1 and not experts:
+        raise ConfigError(f"parallel.ep={ep} but the model ({shape['arch']}) has no experts; use parallel.ep=1")
+    if experts and experts % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide the model's {experts} experts")
+    if experts and shape.get("moe_ffn", 0) % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the model's moe_intermediate_size {shape['moe_ffn']} "
+                          "(expert tensor parallelism equals parallel.tp)")
+
+
 def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     """Run every cross-field check; returns derived facts (model shape, world size, DP size)."""
     _check_choices(cfg)
-    _positive(cfg, "parallel.tp", "parallel.pp", "rollout.tp", "rollout.max_new_tokens", "data.max_prompt_length",
+    _positive(cfg, "parallel.tp", "parallel.pp", "parallel.ep", "rollout.tp", "rollout.max_new_tokens", "data.max_prompt_length",
               "algorithm.num_prompts_per_step", "algorithm.micro_batch_size", "algorithm.update_epochs",
               "algorithm.mini_batches", "optimizer.lr", "rewards.timeout_s", "rewards.num_workers",
               "parallel.timeout_s", "rollout.sync_bucket_mb", "rollout.kv_cache_memory_mb")
@@ -216,6 +233,7 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
                               f"{[d for d in range(1, shape['kv_heads'] + 1) if shape['kv_heads'] % d == 0]})")
         if shape["layers"] % pp:
             raise ConfigError(f"parallel.pp={pp} does not divide the model's {shape['layers']} layers")
+        _check_experts(cfg, shape)
         if cfg.model.make_vocab_size_divisible_by <= 1 and shape["vocab"] % tp:
             raise ConfigError(f"parallel.tp={tp} does not divide vocab size {shape['vocab']}; "
                               "set model.make_vocab_size_divisible_by (e.g. 128) to pad it")
@@ -225,6 +243,9 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
         if world % (tp * pp):
             raise ConfigError(f"world size {world} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
         dp = world // (tp * pp)
+        if (world // pp) % (tp * cfg.parallel.ep):
+            raise ConfigError(f"parallel.ep={cfg.parallel.ep}: world size {world} / parallel.pp {pp} is not divisible by "
+                              f"parallel.tp x parallel.ep = {tp} x {cfg.parallel.ep} (experts are split within DP)")
         if r.placement == "colocated" and world % r.tp:
             raise ConfigError(f"rollout.tp={r.tp} does not divide the world size {world}")
         seqs = a.num_prompts_per_step * r.num_generations

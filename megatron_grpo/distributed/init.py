@@ -50,10 +50,12 @@ def _default_single_process_env() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
 
 
-def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: float = 600.0) -> ParallelLayout:
+def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: float = 600.0,
+                     ep: int = 1) -> ParallelLayout:
     """Initialise torch.distributed and megatron-core's model-parallel groups.
 
-    `timeout_s` bounds every collective: a lost rank turns into an error, not a hang.
+    `timeout_s` bounds every collective: a lost rank turns into an error, not a hang. `ep`: expert
+    parallel size (MoE), carved out of data parallelism as megatron does (expert TP = TP).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -63,6 +65,8 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: f
     world = int(os.environ["WORLD_SIZE"])
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+    if (world // pp) % (tp * ep):
+        raise ValueError(f"world size {world} / pp {pp} is not divisible by tp*ep = {tp}*{ep}")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=plat.dist_backend,
@@ -73,6 +77,7 @@ def init_distributed(*, tp: int = 1, pp: int = 1, seed: int = 1234, timeout_s: f
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
             distributed_timeout_minutes=max(1, int(timeout_s // 60)),
         )
     model_parallel_cuda_manual_seed(seed)

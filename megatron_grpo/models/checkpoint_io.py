@@ -55,8 +55,8 @@ def _barrier() -> None:
 
 
 @contextlib.contextmanager
-def parallel_session(*, tp: int, pp: int, seed: int = 1234):
-    """Model-parallel groups at (tp, pp) for the duration of a tool run.
+def parallel_session(*, tp: int, pp: int, seed: int = 1234, ep: int = 1):
+    """Model-parallel groups at (tp, pp, ep) for the duration of a tool run.
 
     Creates the process group when there is none (and destroys it after); inside an existing one
     (a trainer, a test) it only (re)builds megatron's parallel state, so tools can also be called
@@ -68,10 +68,11 @@ def parallel_session(*, tp: int, pp: int, seed: int = 1234):
 
     owns_group = not dist.is_initialized()
     if ps.model_parallel_is_initialized() and (
-            ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp):
+            ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp
+            or ps.get_expert_model_parallel_world_size() != ep):
         ps.destroy_model_parallel()
     try:
-        init_distributed(tp=tp, pp=pp, seed=seed)
+        init_distributed(tp=tp, pp=pp, seed=seed, ep=ep)
         yield current_layout()
     finally:
         if owns_group:
@@ -154,6 +155,7 @@ def save_megatron_checkpoint(model_chunks, out_dir, info: ModelInfo, *, hf_dir=N
         meta = {
             "format": "megatron_grpo/dist_checkpointing/v1", "model_info": info.to_dict(),
             "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
             "padded_vocab_size": padded, "dtype": str(dtype).replace("torch.", ""),
             "num_chunks": len(_chunks(model_chunks)), **ckpt_versions.writer_meta(), **(extra_meta or {}),
         }
@@ -242,10 +244,12 @@ def _owner_table(model_chunks, info: ModelInfo):
     """Every rank learns, for each global parameter name, (tp_rank -> global rank, shape, dtype) of its holders."""
     from megatron.core import parallel_state as ps
 
+    from .moe import shard_position
+
     mine = {}
-    if ps.get_data_parallel_rank() == 0:
-        tp_rank = ps.get_tensor_model_parallel_rank()
-        for name, p in named_global_parameters(model_chunks):
+    for name, p in named_global_parameters(model_chunks):
+        tp_rank, _, dp_rank = shard_position(name)  # routed experts: expert-TP rank, expert-DP rank
+        if dp_rank == 0:
             mine[name] = (tp_rank, tuple(p.shape), str(p.dtype).replace("torch.", ""))
     tables = [None] * dist.get_world_size()
     dist.all_gather_object(tables, (dist.get_rank(), mine))

@@ -1,4 +1,4 @@
-"""The one HF <-> Megatron weight mapping (Llama, Qwen2, Qwen3), for local-spec and TE-spec names.
+"""The one HF <-> Megatron weight mapping (Llama, Qwen2, Qwen3, Qwen3-MoE, Qwen2-MoE), local- and TE-spec names.
 
 Everything that moves weights between the two worlds goes through here: the HF loader, the
 conversion tools and the trainer -> vLLM bridge. Keeping a single table means a layout fix (qkv
@@ -27,6 +27,11 @@ Layouts (verified against HF logits, see shared notes "stack-facts")
   padded vocab; norms are replicated.
 * Padded vocab rows (``vocab_size <= row < padded_vocab_size``) are zero when loaded from HF and
   are stripped on export.
+* MoE layers (models/moe.py): the router ``mlp.router.weight`` is HF ``mlp.gate.weight`` (replicated);
+  routed expert e is ``mlp.experts.local_experts.{e}`` with the GLOBAL expert index e (a rank's local
+  index plus its EP offset) and the dense fc1/fc2 layouts (expert TP shards them like TP does); Qwen2-MoE's
+  shared expert is ``mlp.shared_experts`` with its sigmoid gate ``gate_weight``. Which MLP rows a layer
+  has (dense or one MoE family's) comes from :data:`_MLP_ROWS`.
 """
 from __future__ import annotations
 
@@ -70,6 +75,27 @@ _LAYER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mlp.linear_fc1.weight": ("fc1", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
     "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
 }
+# MoE families' MLP rows; "{e}" stands for the global expert index (see _MLP_ROWS for who has which)
+_LAYER_RULES.update({
+    "mlp.router.weight": ("replicated", ("mlp.gate.weight",)),
+    "mlp.experts.local_experts.{e}.linear_fc1.weight": (
+        "fc1", ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")),
+    "mlp.experts.local_experts.{e}.linear_fc2.weight": ("row", ("mlp.experts.{e}.down_proj.weight",)),
+    "mlp.shared_experts.linear_fc1.weight": (
+        "fc1", ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight")),
+    "mlp.shared_experts.linear_fc2.weight": ("row", ("mlp.shared_expert.down_proj.weight",)),
+    "mlp.shared_experts.gate_weight": ("replicated", ("mlp.shared_expert_gate.weight",)),
+})
+_ROUTED = ("mlp.router.weight", "mlp.experts.local_experts.{e}.linear_fc1.weight",
+           "mlp.experts.local_experts.{e}.linear_fc2.weight")
+# per-layer MLP rows: "dense" for dense layers (of every arch), the arch's own for its sparse layers
+_MLP_ROWS: dict[str, tuple[str, ...]] = {
+    "dense": ("mlp.linear_fc1.weight", "mlp.linear_fc2.weight"),
+    "qwen3_moe": _ROUTED,
+    "qwen2_moe": _ROUTED + ("mlp.shared_experts.linear_fc1.weight", "mlp.shared_experts.linear_fc2.weight",
+                            "mlp.shared_experts.gate_weight"),
+}
+_EXPERT_IDX_RE = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..+)$")
 _GLOBAL_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "embedding.word_embeddings.weight": ("vocab", ("model.embed_tokens.weight",)),
     "decoder.final_layernorm.weight": ("replicated", ("model.norm.weight",)),
@@ -88,12 +114,37 @@ def is_extra_state(name: str) -> bool:
     return name.endswith("_extra_state")
 
 
+def _is_moe_layer(info: ModelInfo, layer: int) -> bool:
+    return bool(info.num_experts) and layer in info.moe_layers
+
+
+def _mlp_rows(info: ModelInfo, layer: int) -> tuple[str, ...]:
+    return _MLP_ROWS[info.arch if _is_moe_layer(info, layer) else "dense"]
+
+
+def _expand_experts(info: ModelInfo, rows) -> list[str]:
+    """Rows with "{e}" repeated for every expert (expert-major: all of expert 0, then expert 1, ...)."""
+    out = [r for r in rows if "{e}" not in r]
+    expert_rows = [r for r in rows if "{e}" in r]
+    for e in range(info.num_experts if expert_rows else 0):
+        out += [r.format(e=e) for r in expert_rows]
+    return out
+
+
 def _rule(info: ModelInfo, name: str) -> tuple[str, list[str], int | None]:
     """(kind, HF names, layer index) for a global Megatron name; refuses names this arch lacks."""
     name = canonical_name(name)
     m = _LAYER_RE.match(name)
     if m:
         layer, suffix = int(m.group(1)), m.group(2)
+        em = _EXPERT_IDX_RE.match(suffix)
+        expert = int(em.group(2)) if em else None
+        suffix = f"{em.group(1)}{{e}}{em.group(3)}" if em else suffix
+        if suffix.startswith("mlp.") and not suffix.startswith("mlp.linear_fc1.layer_norm"):
+            if suffix not in _mlp_rows(info, layer) or (expert is not None and expert >= info.num_experts):
+                what = "an MoE" if _is_moe_layer(info, layer) else "a dense"
+                raise WeightMappingError(f"no HF mapping for Megatron parameter {name!r}: layer {layer} of "
+                                         f"{info.arch} is {what} layer with {info.num_experts} experts")
         if suffix not in _LAYER_RULES:
             raise WeightMappingError(f"no HF mapping for Megatron parameter {name!r} ({info.arch})")
         if layer >= info.num_layers:
@@ -103,7 +154,7 @@ def _rule(info: ModelInfo, name: str) -> tuple[str, list[str], int | None]:
         if suffix.startswith(("self_attention.q_layernorm", "self_attention.k_layernorm")) and not info.qk_layernorm:
             raise WeightMappingError(f"{name!r}: {info.arch} has no q/k layernorm")
         kind, hf = _LAYER_RULES[suffix]
-        return kind, [f"model.layers.{layer}.{s}" for s in hf], layer
+        return kind, [f"model.layers.{layer}.{s.format(e=expert)}" for s in hf], layer
     if name in _GLOBAL_RULES:
         kind, hf = _GLOBAL_RULES[name]
         if name == "output_layer.weight" and info.tie_word_embeddings:
@@ -133,8 +184,9 @@ def megatron_param_names(info: ModelInfo, *, te_names: bool = False) -> list[str
         if info.qk_layernorm:
             names += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
         names.append(p + "self_attention.linear_proj.weight")
-        names.append(p + ("mlp.linear_fc1.layer_norm_weight" if te_names else "pre_mlp_layernorm.weight"))
-        names += [p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+        fused = te_names and not _is_moe_layer(info, i)  # TE fuses the norm into a dense fc1 only
+        names.append(p + ("mlp.linear_fc1.layer_norm_weight" if fused else "pre_mlp_layernorm.weight"))
+        names += [p + s for s in _expand_experts(info, _mlp_rows(info, i))]
     names.append("decoder.final_layernorm.weight")
     if not info.tie_word_embeddings:
         names.append("output_layer.weight")
@@ -152,8 +204,21 @@ def hf_param_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
             p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
             p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
-            p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H), p + "mlp.down_proj.weight": (H, F),
         })
+        if not _is_moe_layer(info, i):
+            shapes.update({p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
+                           p + "mlp.down_proj.weight": (H, F)})
+        else:
+            mF, sF = info.moe_ffn_hidden_size, info.moe_shared_expert_size
+            shapes[p + "mlp.gate.weight"] = (info.num_experts, H)
+            for e in range(info.num_experts):
+                x = f"{p}mlp.experts.{e}."
+                shapes.update({x + "gate_proj.weight": (mF, H), x + "up_proj.weight": (mF, H),
+                               x + "down_proj.weight": (H, mF)})
+            if sF:
+                x = p + "mlp.shared_expert."
+                shapes.update({x + "gate_proj.weight": (sF, H), x + "up_proj.weight": (sF, H),
+                               x + "down_proj.weight": (H, sF), p + "mlp.shared_expert_gate.weight": (1, H)})
         if info.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})

@@ -130,15 +130,22 @@ def layer_offset_of(model: torch.nn.Module) -> int:
 
 
 def named_global_parameters(model_chunks) -> Iterable[tuple[str, torch.nn.Parameter]]:
-    """(global Megatron name, parameter) over all chunks; skips empty placeholders and extra state."""
+    """(global Megatron name, parameter) over all chunks; skips empty placeholders and extra state.
+
+    Global names carry the global layer index and, for routed experts, the global expert index.
+    """
+    from .moe import expert_offset, local_to_global_expert
+
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     for chunk in chunks:
         model = unwrap_model(chunk)
         offset = layer_offset_of(model)
+        info = getattr(model, "megatron_grpo_info", None)
+        experts = expert_offset(info) if info is not None and info.num_experts else 0
         for name, p in model.named_parameters():
             if hm.is_extra_state(name) or p.numel() == 0:
                 continue
-            yield hm.local_to_global_name(name, offset), p
+            yield local_to_global_expert(hm.local_to_global_name(name, offset), experts), p
 
 
 def _tp_position() -> tuple[int, int]:
@@ -161,7 +168,8 @@ def load_hf_weights(model_chunks, model_dir, info: ModelInfo | None = None, *,
     started = time.monotonic()
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     info = info or getattr(unwrap_model(chunks[0]), "megatron_grpo_info", None) or load_model_info(model_dir)
-    tp_rank, tp_size = _tp_position()
+    from .moe import shard_position
+
     ckpt = HFCheckpoint(model_dir)
     expected = hm.hf_param_shapes(info)
     report = LoadReport()
@@ -169,6 +177,7 @@ def load_hf_weights(model_chunks, model_dir, info: ModelInfo | None = None, *,
     checked: set[str] = set()
     try:
         for i, (name, param) in enumerate(params):
+            tp_rank, tp_size, _ = shard_position(name)  # expert TP for routed experts
             kind = hm.param_kind(info, name)
             padded = param.shape[0] * tp_size if kind == "vocab" else None
             plan = hm.hf_slice_for(info, name, tp_rank=tp_rank, tp_size=tp_size, padded_vocab_size=padded)

@@ -27,13 +27,16 @@ from typing import Any
 
 import torch
 
+from .moe import MOE_ARCHES, base_arch, check_moe_parallel, moe_block_spec, moe_config_kwargs, moe_info_fields
+
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "ModelConfigError", "ModelDirError", "ModelInfo", "load_model_info",
     "padded_vocab_size", "check_parallel", "transformer_config", "layer_spec", "build_gpt_model", "uses_transformer_engine",
 ]
 
 # HF `architectures[0]` -> our arch id
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                           **MOE_ARCHES}  # MoE families: models/moe.py
 
 
 class ModelConfigError(ValueError):
@@ -67,6 +70,19 @@ class ModelInfo:
     initializer_range: float = 0.02
     dtype: str = "float32"  # HF config dtype
     make_vocab_size_divisible_by: int = 128
+    # MoE (models/moe.py); num_experts=0 is a dense model
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_norm_topk_prob: bool = True
+    moe_layers: tuple = ()  # indices of the sparse layers; the others are dense
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
+    moe_shared_expert_size: int = 0
+    moe_shared_expert_gate: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "moe_layers", tuple(self.moe_layers))  # JSON gives a list
 
     def padded_vocab_size(self, tp: int = 1) -> int:
         return padded_vocab_size(self.vocab_size, tp, self.make_vocab_size_divisible_by)
@@ -120,13 +136,14 @@ def load_model_info(model_dir, *, trust_remote_code: bool = False, make_vocab_si
 
     cfg = AutoConfig.from_pretrained(str(d), trust_remote_code=trust_remote_code)
     arch = SUPPORTED_ARCHITECTURES[archs[0]]
+    base = base_arch(arch)  # MoE families share their dense family's attention
     where = f"{d}/config.json ({archs[0]})"
     act = getattr(cfg, "hidden_act", "silu")
     if act != "silu":
         raise ModelConfigError(f"{where}: hidden_act={act!r} is not supported (SwiGLU with silu only)")
     if getattr(cfg, "use_sliding_window", False):
         raise ModelConfigError(f"{where}: use_sliding_window=True is not supported")
-    if arch in ("llama", "qwen3") and getattr(cfg, "attention_bias", False):
+    if base in ("llama", "qwen3") and getattr(cfg, "attention_bias", False):
         raise ModelConfigError(f"{where}: attention_bias=True (bias on o_proj too) is not supported")
     if getattr(cfg, "mlp_bias", False):
         raise ModelConfigError(f"{where}: mlp_bias=True is not supported")
@@ -145,9 +162,10 @@ def load_model_info(model_dir, *, trust_remote_code: bool = False, make_vocab_si
         num_query_groups=kv, head_dim=head_dim, rms_norm_eps=float(cfg.rms_norm_eps), rope_theta=theta,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2", qk_layernorm=arch == "qwen3", rope_scaling=scaling,
+        qkv_bias=base == "qwen2", qk_layernorm=base == "qwen3", rope_scaling=scaling,
         initializer_range=float(getattr(cfg, "initializer_range", 0.02)),
         dtype=str(dtype).replace("torch.", ""), make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        **moe_info_fields(cfg, arch, where),
     )
 
 
@@ -209,14 +227,15 @@ def check_parallel(info: ModelInfo, *, tp: int, pp: int) -> None:
 
 def transformer_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, dtype="float32", sequence_parallel: bool = False,
                        recompute: str | None = None, recompute_method: str = "uniform", recompute_num_layers: int = 1,
-                       perform_initialization: bool = True, te: bool | None = None, **overrides: Any):
+                       perform_initialization: bool = True, te: bool | None = None, ep: int | None = None,
+                       **overrides: Any):
     """A megatron ``TransformerConfig`` for ``info`` at TP=``tp``, PP=``pp``.
 
     ``recompute``: None, "selective" (attention core) or "full" (whole layers, ``recompute_method`` /
     ``recompute_num_layers``). ``sequence_parallel`` only takes effect with tp > 1 and needs the
     TransformerEngine spec (``te``, default: TE importable): megatron's local spec uses torch RMSNorm,
     which refuses sequence parallelism. ``overrides`` are passed to ``TransformerConfig`` as keywords
-    (unknown names are refused by it).
+    (unknown names are refused by it). ``ep``: expert parallel size (default: megatron's parallel state, else 1).
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -238,6 +257,7 @@ def transformer_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, dtype="floa
         bf16=dt == torch.bfloat16, fp16=dt == torch.float16, attention_softmax_in_fp32=True,
         use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=perform_initialization,
     )
+    kwargs.update(moe_config_kwargs(info, ep=_expert_parallel_size(info, tp, ep)))
     if recompute == "selective":
         kwargs.update(recompute_granularity="selective")
     elif recompute == "full":
@@ -245,6 +265,15 @@ def transformer_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, dtype="floa
                       recompute_num_layers=recompute_num_layers)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def _expert_parallel_size(info: ModelInfo, tp: int, ep: int | None) -> int:
+    if ep is None:
+        from megatron.core import parallel_state as ps
+
+        ep = ps.get_expert_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    check_moe_parallel(info, tp=tp, ep=ep)
+    return ep
 
 
 def uses_transformer_engine(te: bool | None = None) -> bool:
@@ -291,7 +320,9 @@ def build_gpt_model(info: ModelInfo, config, *, pre_process: bool | None = None,
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(**stage)
     kwargs = dict(
-        config=config, transformer_layer_spec=layer_spec(info, te=te), vocab_size=vocab,
+        config=config, vocab_size=vocab,
+        transformer_layer_spec=(moe_block_spec(info, config, te=uses_transformer_engine(te), vp_stage=vp_stage)
+                                if info.num_experts else layer_spec(info, te=te)),
         max_sequence_length=info.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=parallel_output, share_embeddings_and_output_weights=info.tie_word_embeddings,
         position_embedding_type="rope", rotary_percent=1.0, rotary_base=info.rope_theta,

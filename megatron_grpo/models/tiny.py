@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -47,6 +47,14 @@ class TinyModelSpec:
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     seed: int = 0
+    # MoE arches only (qwen3_moe, qwen2_moe): experts, top-k, expert FFN size, dense layers, shared expert
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 128
+    mlp_only_layers: tuple = ()
+    norm_topk_prob: bool | None = None  # None: the family's default (qwen3_moe True, qwen2_moe False)
+    router_aux_loss_coef: float = 0.001
+    shared_expert_intermediate_size: int = 256  # qwen2_moe
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -94,7 +102,7 @@ def build_tokenizer(vocab_size: int = 448):
 
 
 def hf_config(spec: TinyModelSpec, *, eos_token_id: int, pad_token_id: int):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=spec.vocab_size,
@@ -118,6 +126,16 @@ def hf_config(spec: TinyModelSpec, *, eos_token_id: int, pad_token_id: int):
         cfg = LlamaConfig(**common, attention_bias=False, mlp_bias=False, rope_parameters=rope)
     elif spec.arch == "qwen2":
         cfg = Qwen2Config(**common, rope_parameters=rope, use_sliding_window=False)
+    elif spec.arch in ("qwen3_moe", "qwen2_moe"):
+        moe = dict(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                   moe_intermediate_size=spec.moe_intermediate_size, mlp_only_layers=list(spec.mlp_only_layers),
+                   decoder_sparse_step=1, router_aux_loss_coef=spec.router_aux_loss_coef,
+                   norm_topk_prob=spec.arch == "qwen3_moe" if spec.norm_topk_prob is None else spec.norm_topk_prob)
+        if spec.arch == "qwen3_moe":
+            cfg = Qwen3MoeConfig(**common, **moe, attention_bias=False, rope_parameters=rope, use_sliding_window=False)
+        else:
+            cfg = Qwen2MoeConfig(**common, **moe, shared_expert_intermediate_size=spec.shared_expert_intermediate_size,
+                                 rope_parameters=rope, use_sliding_window=False)
     else:
         cfg = Qwen3Config(**common, attention_bias=False, rope_parameters=rope, use_sliding_window=False)
     cfg.dtype = "float32"

