@@ -41,6 +41,7 @@ from megatron_grpo.algorithms import (
     unpack_metrics,
 )
 from megatron_grpo.models.logprobs import token_logprobs
+from megatron_grpo.models.norms import sequence_multiple
 
 from .batch import GRPOBatch
 from .optimizer import finalize_model_grads_summed
@@ -194,7 +195,7 @@ class GRPOTrainStep:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = self._device()
-        batch = batch.to(device)
+        batch = batch.to(device).pad_columns(sequence_multiple(self.config))  # SP: T a multiple of TP
         if batch.batch_size == 0:
             batch = batch.pad_rows(1)  # every rank runs the schedule (and DDP's all-reduce) once
         micro_batches = batch.micro_batches(self.micro_batch_size)
