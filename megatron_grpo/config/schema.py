@@ -24,7 +24,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16
     trust_remote_code: bool = False
     recompute: str = "none"  # none | selective | full
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # TP > 1: TE's norms, or models/norms.py with the local spec
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this x TP
     use_transformer_engine: str = "auto"  # auto | true | false
 
