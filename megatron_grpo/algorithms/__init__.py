@@ -17,6 +17,7 @@ from .metrics import (
     pack_metrics,
     unpack_metrics,
 )
+from .mismatch import MISMATCH_LIMITS, MismatchLimits, mismatch_violations, rollout_mismatch_metrics
 from .policy_loss import IS_LEVELS, POLICY_LOSSES, policy_loss, truncated_is_weights
 
 __all__ = [
@@ -36,6 +37,10 @@ __all__ = [
     "finalize_metrics",
     "masked_stats",
     "advantage_metrics",
+    "rollout_mismatch_metrics",
+    "mismatch_violations",
+    "MismatchLimits",
+    "MISMATCH_LIMITS",
     "AGG_MODES",
     "KL_KINDS",
     "IS_LEVELS",

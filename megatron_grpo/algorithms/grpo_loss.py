@@ -7,6 +7,7 @@ from ._common import as_bool_mask, compute_dtype
 from .aggregation import aggregate
 from .kl import kl_estimate
 from .metrics import advantage_metrics, masked_stats
+from .mismatch import rollout_mismatch_metrics
 from .policy_loss import policy_loss
 
 __all__ = ["grpo_loss"]
@@ -102,11 +103,8 @@ def grpo_loss(
             met.update(masked_stats("kl_ref", kl_t, m, moments=False))
             met["kl_loss_sum"] = aggregate(kl_t.detach(), m, agg_mode, normalizer)
         if rollout_logprobs is not None:
-            diff = torch.where(m, (old_logprobs.to(dtype) - rollout_logprobs.to(dtype)).abs(), zero)
-            met.update(masked_stats("rollout_logprob_abs_diff", diff, m, moments=False, extrema=True))
-            del met["rollout_logprob_abs_diff_min"]
-            # NeMo-RL's token_mult_prob_error: mean over tokens of exp(|old - rollout|); 1 = perfect match.
-            met.update(masked_stats("token_mult_prob_error", torch.exp(diff), m, moments=False))
+            # trainer-vs-rollout mismatch (NeMo-RL/veRL metrics; algorithms/mismatch.py)
+            met.update(rollout_mismatch_metrics(old_logprobs, rollout_logprobs, m))
         if is_level is not None:
             met.update(masked_stats("is_weight", info["is_weight"], m, moments=False, extrema=True))
             met.update(masked_stats("is_trunc_frac", info["is_truncated"], m, moments=False))

@@ -27,7 +27,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16
     trust_remote_code: bool = False
     recompute: str = "none"  # none | selective | full
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # TP > 1: TE's norms, or models/norms.py with the local spec
     make_vocab_size_divisible_by: int = 128  # vocab padded to a multiple of this x TP
     use_transformer_engine: str = "auto"  # auto | true | false
 
@@ -170,8 +170,11 @@ class TrainerConfig:
     eval_max_prompts: int = 64
     log_every: int = 1  # a plain progress line every N steps (and the last); metrics.jsonl gets every step
     samples_every: int = 10
-    logprob_check_at_start: bool = True  # Megatron vs vLLM logprob parity at step 0
-    logprob_check_tolerance: float = 1e-3
+    logprob_check_at_start: bool = True  # Megatron vs vLLM logprob parity at step 1 (trainer/parity.py)
+    # limits of that check; null = the model.dtype default (algorithms/mismatch.py MISMATCH_LIMITS, README)
+    logprob_check_mean_abs: Optional[float] = None  # mean |logprob - vLLM logprob| over sampled tokens
+    logprob_check_ratio_outside: Optional[float] = None  # share of tokens with exp(delta) outside [0.5, 2]
+    logprob_check_tolerance: Optional[float] = None  # optional max |delta| limit (off by default)
     export_at_end: bool = True
 
 

@@ -189,6 +189,8 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     _positive(cfg, "algorithm.kl_coef", "algorithm.entropy_coef", "optimizer.clip_grad", "optimizer.weight_decay",
               "trainer.eval_steps", "checkpoint.save_steps", "rollout.temperature", allow_zero=True)
     _positive(cfg, "trainer.log_every")
+    _positive(cfg, "trainer.logprob_check_mean_abs", "trainer.logprob_check_ratio_outside",
+              "trainer.logprob_check_tolerance", allow_zero=True)
     a, r = cfg.algorithm, cfg.rollout
     if r.num_generations < 2:
         raise ConfigError(f"rollout.num_generations={r.num_generations}: GRPO needs >= 2 completions per prompt "

@@ -415,6 +415,17 @@ def compute_logprobs(
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
     b, t = input_ids.shape
+    from megatron_grpo.models.norms import pad_sequence, sequence_multiple
+
+    mult = sequence_multiple(chunks[0])
+    if t % mult:  # sequence parallel: pad T to a multiple of TP (masked out), drop the padding from the result
+        am = None if attention_mask is None else torch.nn.functional.pad(  # [.., T, T]: padding masked
+            attention_mask, (0, -t % mult, 0, -t % mult), value=True)
+        res = compute_logprobs(
+            chunks, pad_sequence(input_ids, mult, 0), pad_sequence(torch.ones(b, t) if mask is None else mask, mult, 0),
+            micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
+            with_entropy=with_entropy, chunk_size=chunk_size, attention_mask=am, backend=backend)
+        return tuple(r[:, :t] for r in res) if with_entropy else res[:, :t]
     mbs = int(micro_batch_size or b)
     n_mb = -(-b // mbs)
     pad = n_mb * mbs - b

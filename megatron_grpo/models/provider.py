@@ -232,19 +232,16 @@ def transformer_config(info: ModelInfo, *, tp: int = 1, pp: int = 1, dtype="floa
     """A megatron ``TransformerConfig`` for ``info`` at TP=``tp``, PP=``pp``.
 
     ``recompute``: None, "selective" (attention core) or "full" (whole layers, ``recompute_method`` /
-    ``recompute_num_layers``). ``sequence_parallel`` only takes effect with tp > 1 and needs the
-    TransformerEngine spec (``te``, default: TE importable): megatron's local spec uses torch RMSNorm,
-    which refuses sequence parallelism. ``overrides`` are passed to ``TransformerConfig`` as keywords
-    (unknown names are refused by it). ``ep``: expert parallel size (default: megatron's parallel state, else 1).
+    ``recompute_num_layers``). ``sequence_parallel`` only takes effect with tp > 1 (the local spec's
+    norms then come from ``models/norms.py``; sequence lengths must be padded to a multiple of tp).
+    ``overrides`` are passed to ``TransformerConfig`` as keywords (unknown names are refused by it).
+    ``ep``: expert parallel size (default: megatron's parallel state, else 1).
     """
     from megatron.core.transformer import TransformerConfig
 
     check_parallel(info, tp=tp, pp=pp)
     if recompute not in (None, "selective", "full"):
         raise ModelConfigError(f"recompute={recompute!r} is not one of None, 'selective', 'full'")
-    if sequence_parallel and tp > 1 and not uses_transformer_engine(te):
-        raise ModelConfigError("sequence_parallel needs the TransformerEngine layer spec (TE not available here); "
-                               "megatron's local spec (torch RMSNorm) does not support it")
     dt = _as_dtype(dtype)
     kwargs = dict(
         num_layers=info.num_layers, hidden_size=info.hidden_size, ffn_hidden_size=info.ffn_hidden_size,
@@ -319,10 +316,14 @@ def build_gpt_model(info: ModelInfo, config, *, pre_process: bool | None = None,
         pre_process = ps.is_pipeline_first_stage(**stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(**stage)
+    spec = (moe_block_spec(info, config, te=uses_transformer_engine(te), vp_stage=vp_stage)
+            if info.num_experts else layer_spec(info, te=te))
+    if config.sequence_parallel and not uses_transformer_engine(te):  # local spec: norms marked for SP
+        from megatron_grpo.models.norms import sequence_parallel_spec
+
+        spec = sequence_parallel_spec(spec, config, vp_stage=vp_stage)
     kwargs = dict(
-        config=config, vocab_size=vocab,
-        transformer_layer_spec=(moe_block_spec(info, config, te=uses_transformer_engine(te), vp_stage=vp_stage)
-                                if info.num_experts else layer_spec(info, te=te)),
+        config=config, transformer_layer_spec=spec, vocab_size=vocab,
         max_sequence_length=info.max_position_embeddings, pre_process=pre_process, post_process=post_process,
         parallel_output=parallel_output, share_embeddings_and_output_weights=info.tie_word_embeddings,
         position_embedding_type="rope", rotary_percent=1.0, rotary_base=info.rope_theta,

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatron_grpo.algorithms import group_advantages, kl_in_reward, sequence_kl
 from megatron_grpo.trainer import batching
 from megatron_grpo.trainer.checkpoint import CheckpointWriter, PreemptionFlag, resolve_resume
+from megatron_grpo.trainer.parity import check_rollout_parity
 
 
 def _log(msg: str) -> None:
@@ -201,7 +202,7 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
         old_lp = old_policy_logprobs(cfg, policy.chunks, ids, shard_mask, **lp_kwargs)  # None: on-policy
         ref_lp = policy.reference.logprobs(ids, shard_mask, **lp_kwargs)
     if step == 1 and cfg.trainer.logprob_check_at_start and old_lp is not None:
-        check_rollout_parity(cfg, old_lp, tensors.rollout_logprobs[rows], shard_mask)
+        check_rollout_parity(cfg, old_lp, tensors.rollout_logprobs[rows], shard_mask, log=_log)
 
     # 3. advantages over whole groups (KL folded into the reward when configured)
     if a.kl_in_reward and ref_lp is not None:
@@ -216,7 +217,8 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
     with timer("train"):
         updates = [policy.train_step(mb) for _ in range(a.update_epochs) for mb in _split(batch, a.mini_batches)]
     if step == 1 and cfg.trainer.logprob_check_at_start and old_lp is None:  # the training forward's, pre-update
-        check_rollout_parity(cfg, policy.train_step.last_logprobs, tensors.rollout_logprobs[rows], shard_mask)
+        check_rollout_parity(cfg, policy.train_step.last_logprobs, tensors.rollout_logprobs[rows], shard_mask,
+                             log=_log)
     # 5. weight sync into vLLM
     with timer("sync"):
         bridge.sync()
@@ -346,24 +348,6 @@ def progress_line(step: int, total: int, m: dict) -> str:
         if key in m:
             parts.append(f"{label} {m[key]:.3g}")
     return " | ".join(parts)
-
-
-def check_rollout_parity(cfg, old_lp, rollout_lp, mask) -> None:
-    """Step 1: the trainer's logprobs of the sampled tokens must match vLLM's (same weights)."""
-    r = cfg.rollout
-    if r.top_p < 1.0 or r.top_k > 0:
-        return  # processed logprobs include top-p/top-k renormalisation: not comparable
-    sel = mask != 0
-    err = float((old_lp[sel] - rollout_lp[sel]).abs().max()) if old_lp is not None and bool(sel.any()) else 0.0
-    t = torch.tensor([err])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    err = float(t.item())
-    _log(f"step-1 logprob parity (Megatron vs vLLM, max abs over sampled tokens): {err:.2e}")
-    if err > cfg.trainer.logprob_check_tolerance:
-        raise RuntimeError(
-            f"Megatron and vLLM logprobs differ by {err:.3e} > trainer.logprob_check_tolerance="
-            f"{cfg.trainer.logprob_check_tolerance}: the weight sync or the model mapping is wrong "
-            "(run `megatron-grpo doctor`), or raise the tolerance for bf16 runs")
 
 
 def run_eval(cfg, *, step, data, engine, scorer) -> dict:

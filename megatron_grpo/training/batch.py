@@ -65,6 +65,20 @@ class GRPOBatch:
             return self
         return self._map(lambda t: torch.cat([t, t.new_zeros((n, *t.shape[1:]))]))
 
+    def pad_columns(self, multiple: int) -> "GRPOBatch":
+        """Right-pad the sequence dim to a multiple of ``multiple`` (sequence parallelism needs a multiple
+        of TP): padded tokens have mask 0, so they add nothing to any loss, normaliser or metric."""
+        from megatron_grpo.models.norms import pad_sequence
+
+        if multiple <= 1 or self.seq_length % multiple == 0:
+            return self
+
+        def pad(name, t):
+            per_sequence = name == "advantages" and t.dim() == 1
+            return t if t is None or per_sequence else pad_sequence(t, multiple, 0)
+
+        return GRPOBatch(**{f.name: pad(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def micro_batches(self, micro_batch_size: int) -> list["GRPOBatch"]:
         """Consecutive micro-batches of ``micro_batch_size`` rows; the last one padded with empty rows."""
         if micro_batch_size <= 0:

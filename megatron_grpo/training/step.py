@@ -41,6 +41,7 @@ from megatron_grpo.algorithms import (
     unpack_metrics,
 )
 from megatron_grpo.models.logprobs import token_logprobs
+from megatron_grpo.models.norms import sequence_multiple
 
 from .batch import GRPOBatch
 from .micro_batching import assemble_rows, padding_fraction, split_micro_batches, variable_shapes
@@ -199,7 +200,7 @@ class GRPOTrainStep:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device = self._device()
-        batch = batch.to(device)
+        batch = batch.to(device).pad_columns(sequence_multiple(self.config))  # SP: T a multiple of TP
         if batch.batch_size == 0:
             batch = batch.pad_rows(1)  # every rank runs the schedule (and DDP's all-reduce) once
         micro_batches, groups, tokens = split_micro_batches(batch, self.micro_batch_size, self.max_tokens,
