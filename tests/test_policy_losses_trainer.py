@@ -41,6 +41,7 @@ def test_gspo_cispo_gradients_exact_across_tp_dp_and_microbatches(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 @pytest.mark.usefixtures("no_shm_leak")
 @pytest.mark.parametrize("options", [
     ["algorithm.policy_loss=gspo", "algorithm.loss_agg=seq-mean-token-mean"],

@@ -16,7 +16,7 @@ import yaml
 
 from tests.e2e import REPO, env, error_lines, metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("no_shm_leak")]
 
 CONFIGS = REPO / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("grpo_*.yaml"))

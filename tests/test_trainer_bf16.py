@@ -7,7 +7,7 @@ import pytest
 
 from tests.e2e import error_lines, metrics, run_train
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 
 BF16 = ["model.dtype=bfloat16", "parallel.tp=2", "trainer.eval_steps=0", "checkpoint.save_steps=0",
         "trainer.export_at_end=false"]

@@ -8,7 +8,7 @@ import pytest
 
 from tests.e2e import metrics, run_train
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("no_shm_leak")]
 
 EXACT = ("reward/mean", "completion/length_mean", "train/loss", "train/grad_norm", "train/kl_ref",
          "train/clip_frac_low", "train/clip_frac_high", "train/is_weight", "train/rollout_logprob_abs_diff_max",
