@@ -11,7 +11,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @contextmanager
@@ -52,7 +52,7 @@ def ensure_tiny_model(cfg: DictConfig) -> Path:
     with _locked(out):
         if out.exists():  # an existing folder is used as is (validation reports what is wrong with it)
             return out
-        spec = TinyModelSpec(**dict(cfg.model.tiny))
+        spec = TinyModelSpec(**OmegaConf.to_container(cfg.model.tiny, resolve=True))
         if cfg.model.warm_start_steps <= 0:
             _build_atomically(out, lambda tmp: make_tiny_model(tmp, spec))
             return out
