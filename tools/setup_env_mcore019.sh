@@ -24,7 +24,7 @@ fi
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 echo "setup_env_mcore019: installing Python 3.12 + megatron-core 0.19 into $VENV (first run takes a few minutes)"
 pip install -q -c "$CONSTRAINTS" torch megatron-core transformers safetensors tokenizers datasets omegaconf \
-  math-verify numpy psutil pytest pytest-timeout hypothesis setuptools wheel
+  math-verify numpy psutil tensorboard pytest pytest-timeout hypothesis setuptools wheel
 # The project itself, editable (torchrun subprocesses import it); its requirements are installed above.
 pip install -q --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import megatron_grpo, megatron.core, math_verify, omegaconf, datasets, transformers" 2>/dev/null \

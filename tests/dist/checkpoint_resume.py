@@ -3,8 +3,9 @@
 Per layout (TP1 x PP2 with the plain optimizer; DP2 with the distributed optimizer, whose state is
 sharded over DP): 2 GRPO steps, save (``save_training_state``), 2 more steps -> parameters P and
 losses L. Then a fresh, differently initialised model + optimizer + scheduler, ``load_training_state``,
-the same 2 steps: parameters and losses equal P and L exactly (Adam moments, step counts, LR schedule
-and RNG all came back).
+the same 2 steps. Plain optimizer: parameters and losses equal P and L exactly (Adam moments, step
+counts, LR schedule and RNG all came back). Distributed optimizer: the model comes back exactly and
+saves/loads on 0.16 and 0.19, but its later updates drift (~1e-3): reported, not yet fixed.
 """
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def _run_layout(report: dict, model_dir: str, root: Path, *, tp: int, pp: int, d
         "loss_diff": max(abs(a - b) for a, b in zip(losses, again)),
         "param_diff": max(float((want[n] - got[n]).abs().max()) for n in want),
         "load_diff": max(float((at_save[n] - after_load[n]).abs().max()) for n in at_save),
+        "loss_diffs": [abs(a - b) for a, b in zip(losses, again)],
         "written_by": json.loads((final / "COMPLETE").read_text()).get("megatron_core_version"),
     }
 
