@@ -54,6 +54,9 @@ def cmd_train(args) -> int:
         except INPUT_ERRORS as e:  # rollout ranks fail alone: every rank reports its own
             return report(e, every_rank=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     if args.nproc_per_node > 1 and not _under_launcher():
+        from megatron_grpo.config.preflight import check_launch
+
+        check_launch(cfg, args.nproc_per_node)  # in the parent: one line, exit 2, no rank started
         argv = [a for a in sys.argv[1:] if not a.startswith("--nproc-per-node")]
         if "--nproc-per-node" in sys.argv:  # "--nproc-per-node N" form: drop the value too
             i = sys.argv.index("--nproc-per-node")

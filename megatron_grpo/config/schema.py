@@ -152,6 +152,7 @@ class TrainerConfig:
     logprob_check_at_start: bool = True  # Megatron vs vLLM logprob parity at step 0
     logprob_check_tolerance: float = 1e-3
     export_at_end: bool = True
+    overwrite: bool = False  # a new run may replace the output folder's previous run (trainer/run_dir.py)
 
 
 @dataclass

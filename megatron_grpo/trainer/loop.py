@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_grpo.algorithms import group_advantages, kl_in_reward, sequence_kl
 from megatron_grpo.trainer import batching
-from megatron_grpo.trainer.checkpoint import CheckpointWriter, PreemptionFlag, resolve_resume
+from megatron_grpo.trainer.checkpoint import CheckpointWriter, PreemptionFlag
 
 
 def _log(msg: str) -> None:
@@ -33,6 +33,8 @@ def _agree(flag: bool) -> bool:
 
 def run_training(cfg: DictConfig) -> int:
     from megatron_grpo.config import save_config, validate
+    from megatron_grpo.config.preflight import preflight
+    from megatron_grpo.trainer.run_dir import plan_run, start_run
     from megatron_grpo.config.validate import check_runtime_packages
     from megatron_grpo.data.sampler import ResumablePromptSampler
     from megatron_grpo.distributed.init import destroy_distributed, init_distributed
@@ -47,20 +49,20 @@ def run_training(cfg: DictConfig) -> int:
     validate(cfg)
     check_runtime_packages(cfg)
     prepare_assets(cfg)
+    preflight(cfg)  # weights, sampling settings, warnings (config/preflight.py)
     tokenizer = load_tokenizer(cfg)
     data = C.load_prompt_data(cfg, tokenizer)
     num_steps = C.total_steps(cfg, len(data.train))
     context_len = C.max_model_len(cfg)
     out_dir = Path(cfg.trainer.output_dir)
-    writer = CheckpointWriter(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    resume_dir = resolve_resume(writer.root, cfg.checkpoint.resume)
+    run = plan_run(cfg)  # one run per output folder; verified resume (trainer/run_dir.py); writes nothing
+    writer = CheckpointWriter(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, run_id=run.run_id)
+    resume_dir = run.resume_dir
 
     # ---- components -----------------------------------------------------------------------------------
     layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed,
                               timeout_s=cfg.parallel.timeout_s)
     rank0 = layout.rank == 0
-    if rank0:
-        save_config(cfg, out_dir)
     policy = C.build_policy_stack(cfg, num_steps=num_steps)
     engine = C.build_engine(cfg, max_model_len=context_len)
     from megatron_grpo.bridge.sync import WeightBridge
@@ -78,6 +80,9 @@ def run_training(cfg: DictConfig) -> int:
         policy.train_step.skipped_steps = state.get("skipped_steps", 0)
         _log(f"resumed from {resume_dir} at step {start_step}")
     bridge.sync(version=weight_version)  # vLLM starts from the policy's (possibly resumed) weights
+    if rank0:  # the first write: a start that failed above left the folder's run as it was
+        start_run(run)
+        save_config(cfg, out_dir)
     logger = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                            wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                            config=OmegaConf.to_container(cfg), resume_step=start_step) if rank0 else None
