@@ -227,10 +227,10 @@ def load_rng(ckpt_dir: Path, rank: int) -> None:
 # ---- preemption --------------------------------------------------------------------------------
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); the loop checks it between steps,
-    agrees on it across ranks, saves and exits cleanly."""
+    """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit) or SIGINT (Ctrl-C, once: a second one
+    interrupts); the loop checks it between steps, agrees on it across ranks, saves and exits cleanly."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.received: int | None = None
         self._previous = {}
         for sig in signals:
@@ -240,6 +240,8 @@ class PreemptionFlag:
                 pass
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop without waiting for the checkpoint
         self.received = signum
 
     @property
@@ -252,7 +254,7 @@ class PreemptionFlag:
         """Processes started inside (spawn/forkserver helpers) keep SIGTERM/SIGUSR1 blocked for life:
         Slurm signals every process of a job step, and a helper killed by it breaks the final save.
         Signals that arrive meanwhile stay pending for this process and are handled when the block ends."""
-        sigs = {signal.SIGTERM, signal.SIGUSR1}
+        sigs = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         try:
             yield

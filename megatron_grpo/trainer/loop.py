@@ -32,30 +32,20 @@ def _agree(flag: bool) -> bool:
 
 
 def run_training(cfg: DictConfig) -> int:
-    from megatron_grpo.config import save_config, validate
-    from megatron_grpo.config.preflight import preflight
-    from megatron_grpo.trainer.run_dir import plan_run, start_run
-    from megatron_grpo.config.validate import check_runtime_packages
+    from megatron_grpo.config import save_config
     from megatron_grpo.data.sampler import ResumablePromptSampler
     from megatron_grpo.distributed.init import destroy_distributed, init_distributed
     from megatron_grpo.trainer import components as C
-    from megatron_grpo.trainer.assets import prepare_assets
+    from megatron_grpo.trainer.inputs import check_inputs
+    from megatron_grpo.trainer.run_dir import start_run
     from megatron_grpo.trainer.metrics_log import MetricsLogger
     from megatron_grpo.trainer.state import load_training_state
 
     # Preemption handlers first: a USR1/TERM during the (slow) start-up must not kill the rank.
     preempt = PreemptionFlag()
     # ---- inputs, before any process group: bad input fails in seconds ------------------------------
-    validate(cfg)
-    check_runtime_packages(cfg)
-    prepare_assets(cfg)
-    preflight(cfg)  # weights, sampling settings, warnings (config/preflight.py)
-    tokenizer = load_tokenizer(cfg)
-    data = C.load_prompt_data(cfg, tokenizer)
-    num_steps = C.total_steps(cfg, len(data.train))
-    context_len = C.max_model_len(cfg)
+    tokenizer, data, num_steps, context_len, run = check_inputs(cfg)  # trainer/inputs.py; writes no run output
     out_dir = Path(cfg.trainer.output_dir)
-    run = plan_run(cfg)  # one run per output folder; verified resume (trainer/run_dir.py); writes nothing
     writer = CheckpointWriter(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, run_id=run.run_id)
     resume_dir = run.resume_dir
 
@@ -74,7 +64,7 @@ def run_training(cfg: DictConfig) -> int:
     start_step, weight_version = 0, 0
     if resume_dir is not None:
         state = load_training_state(resume_dir, model_chunks=policy.chunks, optimizer=policy.optimizer,
-                                    scheduler=policy.scheduler)
+                                    scheduler=policy.scheduler, seed=cfg.trainer.seed)
         start_step, weight_version = state["step"], state["weight_version"]
         sampler.load_state_dict(state["sampler"])
         policy.train_step.skipped_steps = state.get("skipped_steps", 0)
@@ -215,6 +205,10 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
         bridge.sync()
 
     m = summarize_step(rollout, result, rewards, advantages, tensors, updates, timer, extra, scorer)
+    if layout.rank == 0:
+        from megatron_grpo.trainer.scoring import report_reward_failures
+
+        report_reward_failures(result, step=step, logger=logger, log=_log)
     if logger is not None and cfg.trainer.samples_every and step % cfg.trainer.samples_every in (0, 1):
         logger.log_samples(step, [{"prompt": tokenizer.decode(rollout.prompt_token_ids[i]),
                                    "completion": rollout.completion_texts[i], "reward": result.total[i]}
