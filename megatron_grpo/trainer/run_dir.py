@@ -4,7 +4,8 @@ folder's run, starts a new one, or must be refused.
 ``run.json`` names the folder's run (a random id); every checkpoint marker carries it. A start
 with ``checkpoint.resume=none`` (or ``auto`` that finds nothing to resume) into a folder holding
 another run's checkpoints or metrics is refused with one line, unless ``trainer.overwrite=true``,
-which then removes that run's outputs -- only once every input check has passed
+which then removes that run's outputs (``auto`` still resumes a resumable run first) -- only once
+every input check has passed
 (:func:`start_run`, called on rank 0 right before the first write). ``auto`` resumes only checkpoints
 of the folder's own run, so two runs are never mixed.
 """
@@ -67,7 +68,7 @@ def plan_run(cfg, *, skipped: list | None = None) -> RunPlan:
     skipped = [] if skipped is None else skipped
 
     resume_dir = None
-    if resume == "auto" and not overwrite:
+    if resume == "auto":  # overwrite never discards a resumable run of this folder (requeues keep it set)
         resume_dir = resolve_resume(root, "auto", run_id=folder_run, skipped=skipped)
     elif resume not in ("auto", "none"):
         resume_dir = resolve_resume(root, resume)

@@ -42,7 +42,8 @@ def _optimizer_format(optimizer) -> dict:
         params = inspect.signature(optimizer.sharded_state_dict).parameters
     except (TypeError, ValueError):
         return {}
-    return {"metadata": {"distrib_optim_sharding_type": DISTOPT_FORMAT}} if "metadata" in params else {}
+    takes = "metadata" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())  # ChainedOptimizer: **kwargs
+    return {"metadata": {"distrib_optim_sharding_type": DISTOPT_FORMAT}} if takes else {}
 
 
 def save_training_state(writer: CheckpointWriter, step: int, *, model_chunks, optimizer, scheduler,
