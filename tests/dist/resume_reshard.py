@@ -63,3 +63,17 @@ def resume_at(model_dir: str, ckpt: str, tp: int, pp: int = 1, distopt: bool = F
     step(batch)
     report["after3"] = _full(chunks, info)
     return report
+
+
+def resume_error_at(model_dir: str, ckpt: str, tp: int, pp: int = 1, distopt: bool = False) -> dict:
+    """What a rank reports when megatron-core cannot load the checkpoint at this layout."""
+    from megatron_grpo.errors import one_line
+    from megatron_grpo.trainer.checkpoint import CheckpointError
+    from megatron_grpo.trainer.state import load_training_state
+
+    chunks, info, opt, sched, step, batch = _stack(model_dir, tp=tp, pp=pp, distopt=distopt)
+    try:
+        load_training_state(Path(ckpt), model_chunks=chunks, optimizer=opt, scheduler=sched, seed=7)
+    except CheckpointError as e:
+        return {"error": one_line(e), "lines": len(str(e).splitlines())}
+    return {"error": None}
