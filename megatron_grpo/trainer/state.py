@@ -48,7 +48,17 @@ def _optimizer_format(optimizer) -> dict:
 
 def save_training_state(writer: CheckpointWriter, step: int, *, model_chunks, optimizer, scheduler,
                         trainer_state: dict, meta: dict) -> Path:
-    """Collective. Returns the committed checkpoint directory."""
+    """Collective. Returns the committed checkpoint directory. SIGTERM/SIGUSR1/SIGINT stay blocked
+    meanwhile: dist_checkpointing forks writer processes per save, and a group signal (scancel,
+    timeout, Ctrl-C) killed them mid-write ("Broken pipe"); the signal is handled once the save is done."""
+    from megatron_grpo.trainer.checkpoint import PreemptionFlag
+
+    with PreemptionFlag.children_immune():
+        return _save_training_state(writer, step, model_chunks=model_chunks, optimizer=optimizer,
+                                    scheduler=scheduler, trainer_state=trainer_state, meta=meta)
+
+
+def _save_training_state(writer, step, *, model_chunks, optimizer, scheduler, trainer_state, meta) -> Path:
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
