@@ -61,8 +61,9 @@ def cases(root, model, data):
         shutil.copytree(model, truncated)
         weights = truncated / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-4096])
-    malformed = _jsonl(root / "malformed" / "train.jsonl", [{"problem": "What is 1 + 1?", "solution": "\\boxed{2}"}] * 2
-                       + ['{"problem": "2 + 2", '] + [{"problem": "What is 1 + 1?", "solution": "\\boxed{2}"}] * 13)
+    malformed = _jsonl(root / "malformed" / "train.jsonl", [{"problem": "What is 1 + 1?", "solution": "\\boxed{2}"}] * 16)
+    lines = malformed.read_text().splitlines()
+    malformed.write_text("\n".join(lines[:2] + ['{"problem": "2 + 2", '] + lines[3:]) + "\n")  # line 3 cut
     base = [f"model.path={model}", "model.init=hf", f"data.path={data}", "data.synthetic=false",
             f"trainer.output_dir={out}"]
     return [
@@ -105,7 +106,7 @@ def test_each_bad_input_is_one_line_and_nothing_is_lost(assets):
         name, overrides, expected = case
         flags = [o for o in overrides if o.startswith("--")]  # options before the positional overrides
         cmd = train_cmd(*base, *[o for o in overrides if o not in flags])
-        proc = subprocess.run(cmd[:3] + flags + cmd[3:], capture_output=True, text=True, cwd=REPO, env=env(),
+        proc = subprocess.run(cmd[:4] + flags + cmd[4:], capture_output=True, text=True, cwd=REPO, env=env(),
                               timeout=600)
         errors = error_lines(proc.stderr)
         if (proc.returncode == 0 or len(errors) != 1 or expected not in errors[0]
