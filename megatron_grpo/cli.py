@@ -33,13 +33,13 @@ def _under_launcher() -> bool:
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     """`megatron-grpo train --nproc-per-node N ...` on one machine = torchrun of the same command
     (``megatron_grpo.launch``: torchrun without its own traceback when a rank fails)."""
-    import subprocess
-
     from megatron_grpo.testing.torchrun import free_port
 
     cmd = [sys.executable, "-m", "megatron_grpo.launch", f"--nproc-per-node={nproc}", "--max-restarts=0",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_grpo.cli", *argv]
-    return subprocess.call(cmd)
+    from megatron_grpo.launcher import run_forwarding_signals
+
+    return run_forwarding_signals(cmd)  # group signals reach the ranks, not torchrun (launcher.py)
 
 
 def cmd_train(args) -> int:
@@ -54,7 +54,12 @@ def cmd_train(args) -> int:
             return run_rollout_server(cfg)
         except INPUT_ERRORS as e:  # rollout ranks fail alone: every rank reports its own
             return report(e, every_rank=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    if args.check:  # every input check of a start; no process group, model or engine; no run output
+        return _check_only(cfg, args.nproc_per_node)
     if args.nproc_per_node > 1 and not _under_launcher():
+        from megatron_grpo.config.preflight import check_launch
+
+        check_launch(cfg, args.nproc_per_node)  # in the parent: one line, exit 2, no rank started
         argv = [a for a in sys.argv[1:] if not a.startswith("--nproc-per-node")]
         if "--nproc-per-node" in sys.argv:  # "--nproc-per-node N" form: drop the value too
             i = sys.argv.index("--nproc-per-node")
@@ -63,6 +68,20 @@ def cmd_train(args) -> int:
     from megatron_grpo.trainer import run_training  # imported late: heavy
 
     return run_training(cfg)
+
+
+def _check_only(cfg, nproc: int) -> int:
+    from megatron_grpo.config.preflight import check_launch
+    from megatron_grpo.trainer.inputs import check_inputs
+
+    if nproc > 1:
+        check_launch(cfg, nproc)
+        if cfg.parallel.world_size is None:
+            cfg.parallel.world_size = nproc
+    _, data, num_steps, _, run = check_inputs(cfg)
+    what = f"resume {run.resume_dir}" if run.resume_dir else "new run"
+    print(f"inputs ok: {len(data.train)} train prompts, {num_steps} steps, {what} in {run.out_dir}")
+    return 0
 
 
 def cmd_make_tiny(args) -> int:
@@ -118,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run GRPO training")
     p.add_argument("--nproc-per-node", type=int, default=1,
                    help="ranks on this machine (re-launches under torchrun); clusters use slurm/")
+    p.add_argument("--check", action="store_true",
+                   help="run every input check of a start (config, weights, data, output folder, resume) and exit")
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -157,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except INPUT_ERRORS as e:  # all ranks see the same input: rank 0 reports it
-        return report(e)
+    except INPUT_ERRORS as e:  # all ranks see the same input: rank 0 reports it; once ranks run
+        return report(e, every_rank=_ranks_started())  # together, each names itself (one may fail alone)
+
+
+def _ranks_started() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 if __name__ == "__main__":

@@ -170,11 +170,14 @@ def test_hang_raise_and_crash_cost_only_their_sample():
         assert result.rewards["t"] == [1.0, -3.0, 1.0, -2.0, 1.0, -2.0, 1.0, 1.0]
         assert result.metrics["reward/t/timeouts"] == 1 and result.metrics["reward/t/errors"] == 2
         assert manager.counters == {"reward/t/errors": 2, "reward/t/timeouts": 1}
+        # the first exception is reported with its text and sample, not only counted
+        assert result.failures["t"] == {"sample": 3, "kind": "error", "message": "RuntimeError: boom",
+                                        "errors": 2, "timeouts": 1}
         assert result.metrics["reward/workers_replaced"] >= 2  # the hung worker and the crashed one
         # the run continues: a worker killed from outside is replaced, its chunk retried
         os.kill(manager.pool.worker_pids()[0], 9)
         result = manager.compute(["ok"] * 6)
-        assert result.rewards["t"] == [1.0] * 6
+        assert result.rewards["t"] == [1.0] * 6 and result.failures == {}
         assert manager.counters == {"reward/t/errors": 2, "reward/t/timeouts": 1}
         pids = manager.pool.worker_pids() + first_pids
     for pid in pids:  # closing leaves no worker behind

@@ -58,6 +58,14 @@ def cases(root, model, data):
                          + [{"problem": "", "solution": "\\boxed{2}"}] * 11)
     empty = _jsonl(root / "empty" / "train.jsonl", [])
     few = _jsonl(root / "few" / "train.jsonl", [{"problem": "What is 1 + 1?", "solution": "\\boxed{2}"}] * 3)
+    truncated = root / "truncated"
+    if not truncated.exists():
+        shutil.copytree(model, truncated)
+        weights = truncated / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-4096])
+    malformed = _jsonl(root / "malformed" / "train.jsonl", [{"problem": "What is 1 + 1?", "solution": "\\boxed{2}"}] * 16)
+    lines = malformed.read_text().splitlines()
+    malformed.write_text("\n".join(lines[:2] + ['{"problem": "2 + 2", '] + lines[3:]) + "\n")  # line 3 cut
     base = [f"model.path={model}", "model.init=hf", f"data.path={data}", "data.synthetic=false",
             f"trainer.output_dir={out}"]
     return [
@@ -80,6 +88,10 @@ def cases(root, model, data):
         ("unknown key", ["trainer.max_stesp=3"], "trainer.max_steps"),
         ("wrong type", ["optimizer.lr=fast"], "optimizer.lr"),
         ("context longer than the model", ["rollout.max_new_tokens=5000"], "max_position_embeddings"),
+        ("truncated safetensors", [f"model.path={truncated}"], "truncated/model.safetensors: truncated"),
+        ("malformed JSONL line", [f"data.path={malformed}"], "line 3 is not valid JSON"),
+        ("--nproc-per-node not divisible by TP", ["--nproc-per-node=3", "parallel.tp=2"], "--nproc-per-node=3"),
+        ("new run into a folder holding another run", ["checkpoint.resume=none"], "holds another run"),
     ], base, out
 
 
@@ -89,12 +101,15 @@ def test_each_bad_input_is_one_line_and_nothing_is_lost(assets):
     assert len(table) >= 15
     out.mkdir(exist_ok=True)
     keep = out / "metrics.jsonl"
-    keep.write_text('{"step": 1}\n')  # a previous run's file must survive every failed start
+    keep.write_text('{"step": 1}\n')  # a previous run's files must survive every failed start
+    (out / "config.yaml").write_text("previous: run\n")
 
     def check(case):
         name, overrides, expected = case
-        proc = subprocess.run(train_cmd(*base, *overrides), capture_output=True, text=True, cwd=REPO, env=env(),
-                              timeout=300)
+        flags = [o for o in overrides if o.startswith("--")]  # options before the positional overrides
+        cmd = train_cmd(*base, *[o for o in overrides if o not in flags])
+        proc = subprocess.run(cmd[:4] + flags + cmd[4:], capture_output=True, text=True, cwd=REPO, env=env(),
+                              timeout=600)
         errors = error_lines(proc.stderr)
         if (proc.returncode == 0 or len(errors) != 1 or expected not in errors[0]
                 or "Traceback" in proc.stderr or "[megatron-grpo] layout" in proc.stdout):
@@ -104,5 +119,5 @@ def test_each_bad_input_is_one_line_and_nothing_is_lost(assets):
     with ThreadPoolExecutor(max_workers=2) as pool:  # independent processes; two cores
         failures = [f for f in pool.map(check, table) if f]
     assert not failures, "\n".join(failures)
-    assert keep.read_text() == '{"step": 1}\n'
+    assert keep.read_text() == '{"step": 1}\n' and (out / "config.yaml").read_text() == "previous: run\n"
     assert not (out / "checkpoints").exists()

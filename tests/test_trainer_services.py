@@ -19,6 +19,8 @@ from megatron_grpo.trainer.metrics_log import MetricsLogger, read_metrics
 def _save(writer, step):
     tmp = writer.begin(step, is_writer=True)
     (tmp / "payload.txt").write_text(f"step {step}")
+    (tmp / "trainer_state.json").write_text("{}")
+    (tmp / "model").mkdir()
     return writer.commit(step, {"note": "test"})
 
 

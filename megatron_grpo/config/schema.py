@@ -176,6 +176,7 @@ class TrainerConfig:
     logprob_check_ratio_outside: Optional[float] = None  # share of tokens with exp(delta) outside [0.5, 2]
     logprob_check_tolerance: Optional[float] = None  # optional max |delta| limit (off by default)
     export_at_end: bool = True
+    overwrite: bool = False  # a new run may replace the output folder's previous run (trainer/run_dir.py)
 
 
 @dataclass

@@ -67,10 +67,34 @@ def _load_file(path: Path):
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DatasetLoadError(f"unsupported dataset file type {path.suffix!r} for {str(path)!r}; use {sorted(FILE_BUILDERS)}")
+    import logging
+
+    quiet = logging.getLogger("datasets")  # its own error log (and traceback) of a bad file: we say it in one line
+    level, quiet.level = quiet.level, logging.CRITICAL
     try:
         return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
     except Exception as exc:
-        raise DatasetLoadError(f"could not read dataset file {str(path)!r}: {_one_line(exc)}") from None
+        where = _bad_jsonl_line(path) if path.suffix.lower() == ".jsonl" else None
+        raise DatasetLoadError(f"could not read dataset file {str(path)!r}: {where or _one_line(exc)}") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _bad_jsonl_line(path: Path) -> str | None:
+    """datasets' error for a malformed JSONL file names no line: find the first bad one (1-based)."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {number} is not valid JSON ({e.msg} at column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {number} is a JSON {type(row).__name__}, not an object"
+    return None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -168,7 +192,8 @@ def _checked(ds, origin: str, columns: tuple[str, str], on_bad_row: str, stats: 
             if problem is None:
                 continue
             if on_bad_row == "error":
-                raise ValueError(f"column {column!r} is {problem} in row {row} of {origin}")
+                raise ValueError(f"column {column!r} is {problem} in row {row} of {origin} "
+                                 f"(record {row + 1}, counting from 1)")
             bad_rows.append(row)
     if bad_rows:
         bad = set(bad_rows)

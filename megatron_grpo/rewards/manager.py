@@ -27,7 +27,7 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from megatron_grpo.rewards.pool import RewardTask, RewardWorkerPool, TaskOutcome
@@ -44,6 +44,9 @@ class RewardBatchResult:
     total: list[float]
     excluded: list[bool]
     metrics: dict[str, float]
+    # reward key -> the batch's first failure: {"sample": i, "kind": "error"|"timeout", "message": "Type: text",
+    # "errors": n, "timeouts": n} (so a raising reward plugin says why, not only how often)
+    failures: dict[str, dict] = field(default_factory=dict)
 
 
 def _as_reward_value(value: Any) -> float | None:
@@ -127,6 +130,7 @@ class RewardManager:
         per_sample_keys = {k for k, v in kwargs.items() if isinstance(v, (list, tuple)) and len(v) == n}
         statuses = {spec.key: ["ok"] * n for spec in self.specs}
         raw = {spec.key: [None] * n for spec in self.specs}
+        self._first = {}  # reward key -> (sample, message) of the first failure in this batch
         if n:
             self._score_chunks(texts, solutions, kwargs, per_sample_keys, raw, statuses)
         rewards = self._finish(texts, solutions, kwargs, raw, statuses)
@@ -134,7 +138,24 @@ class RewardManager:
         metrics = self._metrics(rewards, statuses, total, excluded)
         metrics["reward/workers_replaced"] = float(self._pool.workers_replaced - replaced_before)
         metrics["reward/compute_seconds"] = time.monotonic() - started
-        return RewardBatchResult(rewards=rewards, total=total, excluded=excluded, metrics=metrics)
+        return RewardBatchResult(rewards=rewards, total=total, excluded=excluded, metrics=metrics,
+                                 failures=self._failures(statuses))
+
+    def _note(self, key: str, sample: int, message: str, kind: str = "error") -> None:
+        self._first.setdefault((key, kind), (sample, message or "no message"))
+
+    def _failures(self, statuses) -> dict[str, dict]:
+        """Per reward: its first exception (or, with none, its first timeout) and the batch's counts."""
+        out = {}
+        for spec in self.specs:
+            status = statuses[spec.key]
+            for kind in ("error", "timeout"):
+                if (spec.key, kind) in self._first and kind in status:
+                    sample, message = self._first[(spec.key, kind)]
+                    out[spec.key] = {"sample": sample, "kind": kind, "message": message[:500],
+                                     "errors": status.count("error"), "timeouts": status.count("timeout")}
+                    break
+        return out
 
     def __call__(self, completions, *, solutions=None, **kwargs) -> RewardBatchResult:
         return self.compute(completions, solutions=solutions, **kwargs)
@@ -173,6 +194,7 @@ class RewardManager:
                     status = "timeout" if outcome.status == "timeout" else "error"
                     for i in range(lo, hi):
                         statuses[spec.key][i] = status
+                    self._note(spec.key, lo, outcome.message, status)
             ranges = retry
             if not ranges:
                 return
@@ -208,16 +230,18 @@ class RewardManager:
                     values = list(reward.combine(staged_input, texts, solutions=solutions, **kwargs))
                     if len(values) != len(texts):
                         raise ValueError("combine returned the wrong number of values")
-                except Exception:
+                except Exception as exc:
                     status[:] = ["error" if s == "ok" else s for s in status]
+                    self._note(spec.key, 0, f"combine: {type(exc).__name__}: {exc}")
             final: list[float | None] = []
             for i, value in enumerate(values):
                 if status[i] == "ok":
                     try:
                         final.append(_as_reward_value(value))
                         continue
-                    except ValueError:
+                    except ValueError as exc:
                         status[i] = "error"
+                        self._note(spec.key, i, f"ValueError: {exc}")
                 final.append(float(spec.on_timeout if status[i] == "timeout" else spec.on_error))
             self.counters[f"reward/{spec.key}/errors"] += status.count("error")
             self.counters[f"reward/{spec.key}/timeouts"] += status.count("timeout")

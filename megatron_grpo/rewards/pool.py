@@ -91,6 +91,8 @@ def run_reward_call(reward: Any, task: RewardTask) -> list:
 def _worker_main(conn: Any, rewards: dict[str, ResolvedReward]) -> None:
     """Worker loop: build the rewards once, then answer (task_id, task) messages until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer; it closes us
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # so do scancel/timeout's group signals: the trainer still needs
+        signal.signal(sig, signal.SIG_IGN)        # us for its last step; a fork server's child misses the caller's mask
     _set_parent_death_signal()
     for module in PRELOAD_MODULES:  # no-op under the fork server; under spawn, before "ready"
         try:

@@ -6,7 +6,8 @@ Layout under ``<output_dir>/checkpoints``::
         model/                megatron dist_checkpointing (model + optimizer), written by all ranks
         trainer_state.json    step, sampler, scheduler, weight version, metrics tail
         rng/rank_00000.pt     per-rank RNG states (tensors and ints only: loads with weights_only=True)
-        COMPLETE              JSON marker written last, after every rank finished
+        MANIFEST.json         every file's size and checksum (trainer/manifest.py), written before COMPLETE
+        COMPLETE              JSON marker written last, after every rank finished (step, layout, run id)
     step_00000012.partial/    being written (or left by a crash): never resumed from
 
 A checkpoint becomes visible only by renaming ``.partial`` to its final name after a barrier, so a
@@ -60,19 +61,60 @@ def list_complete(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume(root: Path, resume: str) -> Path | None:
-    """`auto`: the newest complete checkpoint under root (None if there is none); `none`; or a path,
-    which must be a complete checkpoint (a clear error otherwise)."""
+def marker_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def verify_checkpoint(path: Path, *, run_id: str | None = None) -> str | None:
+    """None if ``path`` can be resumed from: marker, manifest (sizes, checksums), the files every
+    resume reads, and -- when ``run_id`` is given -- written by that run. Else the reason, one line."""
+    from megatron_grpo.trainer.manifest import verify_manifest
+
+    if not is_complete(path):
+        return f"incomplete or corrupt (no valid {MARKER} marker)"
+    problem = verify_manifest(path)
+    if problem is not None:
+        return problem
+    for required in ("trainer_state.json", "model"):
+        if not (path / required).exists():
+            return f"{required} is missing"
+    other = marker_meta(path).get("run_id")
+    if run_id is not None and other is not None and other != run_id:
+        return f"written by another run ({other}, this folder's run is {run_id})"
+    return None
+
+
+def _warn(msg: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[megatron-grpo] warning: {msg}", flush=True)
+
+
+def resolve_resume(root: Path, resume: str, *, run_id: str | None = None,
+                   skipped: list | None = None) -> Path | None:
+    """`auto`: the newest checkpoint under root that verifies (None if there is none), saying which
+    newer ones it skipped and why (also appended to ``skipped`` as (path, reason)); `none`; or a path,
+    which must verify (a one-line CheckpointError otherwise)."""
     if resume == "none":
         return None
     if resume == "auto":
-        complete = list_complete(root)
-        return _readable(complete[-1][1]) if complete else None
+        for _, path in reversed(list_complete(root)):
+            problem = verify_checkpoint(path, run_id=run_id)
+            if problem is None:
+                return _readable(path)
+            _warn(f"skipping checkpoint {path}: {problem}")
+            if skipped is not None:
+                skipped.append((path, problem))
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.resume: {path} is not a directory")
-    if not is_complete(path):
-        raise CheckpointError(f"checkpoint.resume: {path} is incomplete or corrupt (no valid {MARKER} marker)")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint.resume: {path} cannot be resumed from: {problem}")
     return _readable(path)
 
 
@@ -88,9 +130,10 @@ def _readable(path: Path) -> Path:
 class CheckpointWriter:
     """Two-phase write used by every rank: ``begin`` -> (all ranks write) -> ``commit`` on rank 0."""
 
-    def __init__(self, root: str | os.PathLike, keep_last: int = 2):
+    def __init__(self, root: str | os.PathLike, keep_last: int = 2, run_id: str | None = None):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.run_id = run_id  # recorded in every marker: resume never mixes two runs
 
     def partial_dir(self, step: int) -> Path:
         return self.root / (step_dir_name(step) + ".partial")
@@ -105,10 +148,15 @@ class CheckpointWriter:
         return tmp
 
     def commit(self, step: int, meta: dict) -> Path:
-        """Rank 0, after a barrier: marker, atomic rename, prune old complete checkpoints."""
+        """Rank 0, after a barrier: manifest, marker, atomic rename, prune old complete checkpoints."""
+        from megatron_grpo.trainer.manifest import write_manifest
+
         tmp = self.partial_dir(step)
         final = self.root / step_dir_name(step)
+        write_manifest(tmp, skip=(MARKER, MARKER + ".tmp"))
         marker_tmp = tmp / (MARKER + ".tmp")
+        if self.run_id is not None:
+            meta = {"run_id": self.run_id, **meta}
         marker_tmp.write_text(json.dumps({"step": step, **meta}))
         marker_tmp.replace(tmp / MARKER)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
@@ -188,10 +236,10 @@ def load_rng(ckpt_dir: Path, rank: int) -> None:
 # ---- preemption --------------------------------------------------------------------------------
 
 class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); the loop checks it between steps,
-    agrees on it across ranks, saves and exits cleanly."""
+    """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit) or SIGINT (Ctrl-C, once: a second one
+    interrupts); the loop checks it between steps, agrees on it across ranks, saves and exits cleanly."""
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)):
         self.received: int | None = None
         self._previous = {}
         for sig in signals:
@@ -201,6 +249,8 @@ class PreemptionFlag:
                 pass
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop without waiting for the checkpoint
         self.received = signum
 
     @property
@@ -213,7 +263,7 @@ class PreemptionFlag:
         """Processes started inside (spawn/forkserver helpers) keep SIGTERM/SIGUSR1 blocked for life:
         Slurm signals every process of a job step, and a helper killed by it breaks the final save.
         Signals that arrive meanwhile stay pending for this process and are handled when the block ends."""
-        sigs = {signal.SIGTERM, signal.SIGUSR1}
+        sigs = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         try:
             yield

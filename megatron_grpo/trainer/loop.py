@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatron_grpo.algorithms import group_advantages, kl_in_reward, sequence_kl
 from megatron_grpo.trainer import batching
-from megatron_grpo.trainer.checkpoint import CheckpointWriter, PreemptionFlag, resolve_resume
+from megatron_grpo.trainer.checkpoint import CheckpointWriter, PreemptionFlag
 from megatron_grpo.trainer.parity import check_rollout_parity
 
 
@@ -33,35 +33,27 @@ def _agree(flag: bool) -> bool:
 
 
 def run_training(cfg: DictConfig) -> int:
-    from megatron_grpo.config import save_config, validate
-    from megatron_grpo.config.validate import check_runtime_packages
+    from megatron_grpo.config import save_config
     from megatron_grpo.data.sampler import ResumablePromptSampler
     from megatron_grpo.distributed.init import destroy_distributed, init_distributed
     from megatron_grpo.trainer import components as C
-    from megatron_grpo.trainer.assets import prepare_assets
+    from megatron_grpo.trainer.inputs import check_inputs
+    from megatron_grpo.trainer.run_dir import start_run
     from megatron_grpo.trainer.metrics_log import MetricsLogger
     from megatron_grpo.trainer.state import load_training_state
 
     # Preemption handlers first: a USR1/TERM during the (slow) start-up must not kill the rank.
     preempt = PreemptionFlag()
     # ---- inputs, before any process group: bad input fails in seconds ------------------------------
-    validate(cfg)
-    check_runtime_packages(cfg)
-    prepare_assets(cfg)
-    tokenizer = load_tokenizer(cfg)
-    data = C.load_prompt_data(cfg, tokenizer)
-    num_steps = C.total_steps(cfg, len(data.train))
-    context_len = C.max_model_len(cfg)
+    tokenizer, data, num_steps, context_len, run = check_inputs(cfg)  # trainer/inputs.py; writes no run output
     out_dir = Path(cfg.trainer.output_dir)
-    writer = CheckpointWriter(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    resume_dir = resolve_resume(writer.root, cfg.checkpoint.resume)
+    writer = CheckpointWriter(out_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last, run_id=run.run_id)
+    resume_dir = run.resume_dir
 
     # ---- components -----------------------------------------------------------------------------------
     layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, seed=cfg.trainer.seed,
                               timeout_s=cfg.parallel.timeout_s, ep=cfg.parallel.ep)
     rank0 = layout.rank == 0
-    if rank0:
-        save_config(cfg, out_dir)
     policy = C.build_policy_stack(cfg, num_steps=num_steps)
     engine = C.build_engine(cfg, max_model_len=context_len)
     from megatron_grpo.bridge.sync import WeightBridge
@@ -73,12 +65,15 @@ def run_training(cfg: DictConfig) -> int:
     start_step, weight_version = 0, 0
     if resume_dir is not None:
         state = load_training_state(resume_dir, model_chunks=policy.chunks, optimizer=policy.optimizer,
-                                    scheduler=policy.scheduler)
+                                    scheduler=policy.scheduler, seed=cfg.trainer.seed)
         start_step, weight_version = state["step"], state["weight_version"]
         sampler.load_state_dict(state["sampler"])
         policy.train_step.skipped_steps = state.get("skipped_steps", 0)
         _log(f"resumed from {resume_dir} at step {start_step}")
     bridge.sync(version=weight_version)  # vLLM starts from the policy's (possibly resumed) weights
+    if rank0:  # the first write: a start that failed above left the folder's run as it was
+        start_run(run)
+        save_config(cfg, out_dir)
     logger = MetricsLogger(out_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                            wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
                            config=OmegaConf.to_container(cfg), resume_step=start_step) if rank0 else None
@@ -224,6 +219,10 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
         bridge.sync()
 
     m = summarize_step(rollout, result, rewards, advantages, tensors, updates, timer, extra, scorer)
+    if layout.rank == 0:
+        from megatron_grpo.trainer.scoring import report_reward_failures
+
+        report_reward_failures(result, step=step, logger=logger, log=_log)
     if logger is not None and cfg.trainer.samples_every and step % cfg.trainer.samples_every in (0, 1):
         logger.log_samples(step, [{"prompt": tokenizer.decode(rollout.prompt_token_ids[i]),
                                    "completion": rollout.completion_texts[i], "reward": result.total[i]}

@@ -40,3 +40,14 @@ class BatchScorer:
     def close(self) -> None:
         if self.manager is not None:
             self.manager.close()
+
+
+def report_reward_failures(result: RewardBatchResult, *, step: int, logger, log) -> None:
+    """Rank 0: each reward's first failure of the step (type, message, sample) and its counts, to the
+    log and the samples file -- a raising reward plugin otherwise shows up only as a count."""
+    failures = getattr(result, "failures", None) or {}
+    for key, f in sorted(failures.items()):
+        log(f"reward '{key}' step {step}: {f['errors']} error(s), {f['timeouts']} timeout(s); first "
+            f"{f['kind']} at sample {f['sample']}: {f['message'].splitlines()[0] if f['message'] else ''}")
+    if failures and logger is not None:
+        logger.log_samples(step, [{"reward_failure": key, **f} for key, f in sorted(failures.items())])

@@ -1,7 +1,11 @@
 """Save and restore everything a GRPO step depends on, so a resumed run continues bit for bit.
 
 Model and optimizer go through megatron-core dist_checkpointing (every rank writes its shards;
-reloadable at another TP/PP for the model). The LR scheduler, sampler position, step counters and
+the model's sharded tensors reload at another TP/PP/DP; the distributed optimizer's 'dp_reshardable'
+format keeps TP x PP fixed). Exact continuation needs the same layout:
+at another layout the per-rank RNG states do not map onto the new ranks and are re-seeded from
+(seed, step, rank); the sampler and rollout seeds are global, so prompts and sampling seeds continue.
+The LR scheduler, sampler position, step counters and
 weight version go to ``trainer_state.json`` (rank 0); RNG states per rank. The directory protocol
 (``.partial`` -> COMPLETE -> rename) is in ``checkpoint.py``.
 """
@@ -65,7 +69,17 @@ def _sharded(model_chunks, optimizer, *, is_loading: bool) -> dict:
 
 def save_training_state(writer: CheckpointWriter, step: int, *, model_chunks, optimizer, scheduler,
                         trainer_state: dict, meta: dict) -> Path:
-    """Collective. Returns the committed checkpoint directory."""
+    """Collective. Returns the committed checkpoint directory. SIGTERM/SIGUSR1/SIGINT stay blocked
+    meanwhile: dist_checkpointing forks writer processes per save, and a group signal (scancel,
+    timeout, Ctrl-C) killed them mid-write ("Broken pipe"); the signal is handled once the save is done."""
+    from megatron_grpo.trainer.checkpoint import PreemptionFlag
+
+    with PreemptionFlag.children_immune():
+        return _save_training_state(writer, step, model_chunks=model_chunks, optimizer=optimizer,
+                                    scheduler=scheduler, trainer_state=trainer_state, meta=meta)
+
+
+def _save_training_state(writer, step, *, model_chunks, optimizer, scheduler, trainer_state, meta) -> Path:
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank()
@@ -87,9 +101,40 @@ def save_training_state(writer: CheckpointWriter, step: int, *, model_chunks, op
     return final
 
 
-def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler) -> dict:
-    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state."""
+def current_layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _layout_text(layout: dict) -> str:
+    return " ".join(f"{k}={layout.get(k)}" for k in ("tp", "pp", "dp"))
+
+
+def _reseed(seed: int, step: int) -> None:
+    """Fresh RNG streams for a resume at another layout: distinct per rank, reproducible per (seed, step)."""
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    base = (seed * 1_000_003 + step * 7919) % (2**31)
+    rank = dist.get_rank()
+    random.seed(base + rank)
+    np.random.seed((base + rank) % (2**32))
+    torch.manual_seed(base + rank)
+    model_parallel_cuda_manual_seed(base)
+
+
+def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler, seed: int = 1234) -> dict:
+    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state.
+    A checkpoint from another layout is resharded (RNG re-seeded, said once); what megatron-core
+    cannot load is a CheckpointError naming both layouts (reported by every rank, see cli.py)."""
     from megatron.core import dist_checkpointing
+
+    from megatron_grpo.trainer.checkpoint import marker_meta
 
     state_file = ckpt_dir / STATE_FILE
     if not state_file.is_file() or not (ckpt_dir / "model").is_dir():
@@ -100,13 +145,26 @@ def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler) -
         raise CheckpointError(f"{state_file}: not valid JSON ({e.msg})") from None
     written_by = json.loads((ckpt_dir / MARKER).read_text()).get(ckpt_versions.META_KEY) if (ckpt_dir / MARKER).is_file() else None
     ckpt_versions.check_readable(ckpt_dir, ckpt_dir / "model", written_by, training=True, error=CheckpointError)
-    loaded = dist_checkpointing.load(sharded_state_dict=_sharded(model_chunks, optimizer, is_loading=True),
-                                     checkpoint_dir=str(ckpt_dir / "model"))
-    unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
-    with torch.no_grad():  # fp32 DistributedOptimizer: its main params are views of the model's (grad leaves)
-        optimizer.load_state_dict(loaded["optimizer"])
+    now, meta = current_layout(), marker_meta(ckpt_dir)
+    saved = {k: meta.get(k, now[k]) for k in now}
+    try:
+        loaded = dist_checkpointing.load(sharded_state_dict=_sharded(model_chunks, optimizer, is_loading=True),
+                                         checkpoint_dir=str(ckpt_dir / "model"))
+        unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
+        with torch.no_grad():  # fp32 DistributedOptimizer: its main params are views of the model's (grad leaves)
+            optimizer.load_state_dict(loaded["optimizer"])
+    except Exception as e:  # megatron-core's own exceptions: one line, on the rank that hit it
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"{ckpt_dir}: cannot load the model/optimizer written at {_layout_text(saved)} "
+                              f"at {_layout_text(now)}: {type(e).__name__}: {text[0][:300] if text else ''}") from None
     _unshare_adam_steps(optimizer)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    load_rng(ckpt_dir, dist.get_rank())
+    if saved == now:
+        load_rng(ckpt_dir, dist.get_rank())
+    else:
+        _reseed(seed, int(state.get("step", 0)))
+        if dist.get_rank() == 0:
+            print(f"[megatron-grpo] checkpoint written at {_layout_text(saved)}, resumed at {_layout_text(now)}: "
+                  "model and optimizer resharded; RNG re-seeded (not a bit-exact continuation)", flush=True)
     return state

@@ -1,0 +1,50 @@
+"""Resume at another layout: a checkpoint written at TP1 (one rank) resumes at TP2 and, with the
+distributed optimizer, at DP2 -- model weights equal the saved ones, and the next step (which reads
+the Adam moments and the LR schedule) equals the uninterrupted run's up to float reordering. The
+distributed optimizer at another DP is megatron-core 0.16's limit here: one line per rank."""
+import pytest
+
+from megatron_grpo.testing.torchrun import run_distributed
+from tests.dist.training_helpers import make_model_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny_qwen2"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    import torch
+
+    assert a.keys() == b.keys()
+    return max(float((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max()) for k in a)
+
+
+def test_resume_at_another_layout(model_dir, tmp_path):
+    layout, distopt = dict(tp=2), False
+    [ref] = run_distributed("tests.dist.resume_reshard:save_then_continue", 1,
+                            kwargs={"model_dir": model_dir, "root": str(tmp_path / "ckpt"), "distopt": distopt})
+    results = run_distributed("tests.dist.resume_reshard:resume_at", 2,
+                              kwargs={"model_dir": model_dir, "ckpt": ref["ckpt"], **layout})
+    for rep in results:
+        assert rep["step"] == 2
+        assert _max_diff(rep["loaded"], ref["saved"]) == 0.0  # resharded bit for bit
+        moved = _max_diff(ref["after3"], ref["saved"])
+        assert moved > 1e-4  # the third step changes the weights ...
+        assert _max_diff(rep["after3"], ref["after3"]) <= 1e-5, (moved, rep["lr"])  # ... alike (Adam moments kept)
+
+
+def test_distributed_optimizer_at_another_dp_is_one_line_on_every_rank(model_dir, tmp_path):
+    """The distributed optimizer saves (megatron-core 0.16's default format cannot be saved at all; the
+    trainer uses fully_reshardable), but 0.16 on CPU fails an internal assertion loading it at DP=2:
+    every rank then says so in one line naming both layouts, instead of a collective traceback.
+    (If megatron-core learns it, this test fails: turn it into a resharding check like the one above.)"""
+    [ref] = run_distributed("tests.dist.resume_reshard:save_then_continue", 1,
+                            kwargs={"model_dir": model_dir, "root": str(tmp_path / "ckpt"), "distopt": True})
+    results = run_distributed("tests.dist.resume_reshard:resume_error_at", 2,
+                              kwargs={"model_dir": model_dir, "ckpt": ref["ckpt"], "tp": 1, "distopt": True})
+    for rep in results:
+        assert rep["error"] is not None and rep["lines"] == 1, rep
+        assert "written at tp=1 pp=1 dp=1 at tp=1 pp=1 dp=2" in rep["error"], rep
