@@ -23,7 +23,6 @@ class ModelConfig:
     # init=tiny only: supervised warm-start steps on the training data before GRPO (trainer/warm_start.py)
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3
-    warm_start_answer_noise: float = 0.0  # fraction of warm-start answers replaced by a random digit (1 = format only)
     dtype: str = "float32"  # float32 | bfloat16
     trust_remote_code: bool = False
     recompute: str = "none"  # none | selective | full
@@ -108,8 +107,7 @@ class DataConfig:
     hub_revision: Optional[str] = None
     synthetic: bool = False  # create a synthetic arithmetic dataset at `path` if missing
     synthetic_train: int = 2000
-    synthetic_test: int = 100  # <= half the task's distinct problems (arithmetic 300, larger 90)
-    synthetic_task: str = "arithmetic"  # arithmetic (a+b, a-b, a*b) | larger ("Which is larger, 3 or 7?"; the demo's)
+    synthetic_test: int = 100  # <= 150: the arithmetic task has 300 distinct problems
     train_split: str = "train"
     test_split: Optional[str] = "test"
     test_fraction: float = 0.0  # used when there is no test split

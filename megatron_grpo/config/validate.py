@@ -26,7 +26,6 @@ CHOICES = {
     "algorithm.reference": ("copy", "swap", "none"),
     "algorithm.importance_sampling": (None, "token", "sequence"),
     "algorithm.policy_loss": ("ppo_clip", "gspo", "cispo"),
-    "data.synthetic_task": ("arithmetic", "larger"),
     "data.on_bad_row": ("error", "skip"),
     "optimizer.scheduler": ("constant", "linear", "cosine"),
     "logging.wandb_mode": ("online", "offline"),
@@ -209,8 +208,6 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if a.kl_coef > 0 and a.reference == "none":
         raise ConfigError(f"algorithm.reference=none needs algorithm.kl_coef=0 (got {a.kl_coef}); "
                           "use reference=copy or swap for a KL penalty")
-    if not 0 <= cfg.model.warm_start_answer_noise <= 1:
-        raise ConfigError(f"model.warm_start_answer_noise={cfg.model.warm_start_answer_noise} must be in [0, 1]")
     if not 0 <= cfg.optimizer.warmup_ratio < 1:
         raise ConfigError(f"optimizer.warmup_ratio={cfg.optimizer.warmup_ratio} must be in [0, 1)")
     if cfg.trainer.max_steps is None and cfg.trainer.epochs is None:

@@ -1,15 +1,11 @@
-"""Small synthetic math datasets for the CPU demo and tests (``task``):
+"""A small synthetic math dataset for the CPU demo and tests: single-digit arithmetic.
 
-* ``arithmetic``: ``What is 3 + 5?`` -> solution ``\\boxed{8}`` (the gold form math-verify parses);
-  300 distinct problems (a, b in 0..9; +, -, *).
-* ``larger``: ``Which is larger, 3 or 7?`` -> ``\\boxed{7}``; 90 distinct problems (a != b in 0..9).
-  A tiny model can discover this rule by RL within minutes (the demo's task).
+``What is 3 + 5?`` -> solution ``\\boxed{8}`` (the gold form math-verify parses). Problems and answers
+are a handful of tokens so a tiny random model can learn the task in minutes. The 300 distinct
+problems (a, b in 0..9; +, -, *) are shuffled with the seed; the test problems are the first n_test
+and never appear in train; train draws from the rest, repeating them when n_train is larger.
 
-Problems and answers are a handful of tokens. The distinct problems are shuffled with the seed; the
-test problems are the first n_test and never appear in train; train draws from the rest, repeating
-them when n_train is larger.
-
-    python -m megatron_grpo.data.synthetic --out DIR --n-train N --n-test M --seed S [--task larger]
+    python -m megatron_grpo.data.synthetic --out DIR --n-train N --n-test M --seed S
 
 writes DIR/train.jsonl and DIR/test.jsonl with columns problem, solution, answer.
 """
@@ -21,21 +17,11 @@ import random
 from pathlib import Path
 
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-TASKS = ("arithmetic", "larger")
 
 
-def all_problems(task: str = "arithmetic") -> list[dict[str, str]]:
-    """Every distinct single-digit problem of ``task``, in a fixed order."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+def all_problems() -> list[dict[str, str]]:
+    """Every distinct single-digit problem, in a fixed order."""
     rows = []
-    if task == "larger":
-        for a in range(10):
-            for b in range(10):
-                if a != b:
-                    m = max(a, b)
-                    rows.append({"problem": f"Which is larger, {a} or {b}?", "solution": f"\\boxed{{{m}}}", "answer": str(m)})
-        return rows
     for op, fn in OPERATIONS.items():
         for a in range(10):
             for b in range(10):
@@ -44,16 +30,9 @@ def all_problems(task: str = "arithmetic") -> list[dict[str, str]]:
     return rows
 
 
-def worked_expression(problem: str) -> str:
-    """The expression a worked solution writes in its <think> part: '3 + 5', or 'max(3, 7)'."""
-    if problem.startswith("Which is larger, "):
-        return "max(" + problem.removeprefix("Which is larger, ").removesuffix("?").replace(" or ", ", ") + ")"
-    return problem.removeprefix("What is ").removesuffix("?")
-
-
-def make_synthetic_splits(*, n_train: int, n_test: int, seed: int, task: str = "arithmetic") -> tuple[list[dict], list[dict]]:
+def make_synthetic_splits(*, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
     """(train rows, test rows), deterministic in seed; test problems are disjoint from train."""
-    problems = all_problems(task)
+    problems = all_problems()
     if n_train < 1 or n_test < 0:
         raise ValueError(f"need n_train >= 1 and n_test >= 0, got {n_train}, {n_test}")
     if n_test > len(problems) // 2:
@@ -75,12 +54,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def write_synthetic_dataset(out_dir: str | Path, *, n_train: int, n_test: int, seed: int,
-                            task: str = "arithmetic") -> dict[str, Path]:
+def write_synthetic_dataset(out_dir: str | Path, *, n_train: int, n_test: int, seed: int) -> dict[str, Path]:
     """Write train.jsonl and test.jsonl under out_dir; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = make_synthetic_splits(n_train=n_train, n_test=n_test, seed=seed, task=task)
+    train, test = make_synthetic_splits(n_train=n_train, n_test=n_test, seed=seed)
     paths = {"train": out / "train.jsonl", "test": out / "test.jsonl"}
     write_jsonl(paths["train"], train)
     write_jsonl(paths["test"], test)
@@ -93,11 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--task", choices=TASKS, default="arithmetic")
     args = parser.parse_args(argv)
     try:
-        paths = write_synthetic_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                                        task=args.task)
+        paths = write_synthetic_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
     print(f"wrote {args.n_train} train rows to {paths['train']} and {args.n_test} test rows to {paths['test']}")

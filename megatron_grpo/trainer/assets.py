@@ -40,8 +40,7 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
     with _locked(out):
         if not out.exists():  # never build over (or into) anything already there
             _build_atomically(out, lambda tmp: write_synthetic_dataset(
-                tmp, n_train=cfg.data.synthetic_train, n_test=cfg.data.synthetic_test, seed=cfg.data.seed,
-                task=cfg.data.synthetic_task))
+                tmp, n_train=cfg.data.synthetic_train, n_test=cfg.data.synthetic_test, seed=cfg.data.seed))
     return out
 
 
@@ -65,8 +64,7 @@ def ensure_tiny_model(cfg: DictConfig) -> Path:
         rows = _training_rows(cfg, load_prompt_dataset)
         _build_atomically(out, lambda tmp: sft_warm_start(
             base, tmp, rows, steps=cfg.model.warm_start_steps, lr=cfg.model.warm_start_lr,
-            seed=cfg.trainer.seed, system_prompt=cfg.data.system_prompt,
-            answer_noise=cfg.model.warm_start_answer_noise))
+            seed=cfg.trainer.seed, system_prompt=cfg.data.system_prompt))
     return out
 
 

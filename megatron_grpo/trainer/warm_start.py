@@ -15,20 +15,15 @@ from pathlib import Path
 
 def worked_solution(problem: str, answer: str) -> str:
     """The completion the SFT teaches, e.g. '<think>3 + 5 = 8</think><answer>\\boxed{8}</answer>'."""
-    from megatron_grpo.data.synthetic import worked_expression
-
-    return f"<think>{worked_expression(problem)} = {answer}</think><answer>\\boxed{{{answer}}}</answer>"
+    expression = problem.removeprefix("What is ").removesuffix("?")
+    return f"<think>{expression} = {answer}</think><answer>\\boxed{{{answer}}}</answer>"
 
 
 def sft_warm_start(model_dir: str | Path, out_dir: str | Path, rows: list[dict], *, steps: int, lr: float = 1e-3,
-                   batch_size: int = 32, seed: int = 0, system_prompt: str | None = None,
-                   answer_noise: float = 0.0) -> Path:
+                   batch_size: int = 32, seed: int = 0, system_prompt: str | None = None) -> Path:
     """Fine-tune the HF model in model_dir on rows ({problem, answer}) for `steps` steps; save to out_dir.
 
     Loss on completion tokens only (prompt masked), as SFT on chat data does. Deterministic for a seed.
-    ``answer_noise``: the fraction of examples whose answer is replaced by a uniformly random digit
-    (drawn afresh each time the example is used): 1.0 teaches the format and the answer slot but not
-    which answer is right, so the correctness GRPO adds afterwards is GRPO's own.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -52,9 +47,7 @@ def sft_warm_start(model_dir: str | Path, out_dir: str | Path, rows: list[dict],
     encoded = [encode(r) for r in rows]
     pad = tok.pad_token_id
     for _ in range(steps):
-        picks = [rng.randrange(len(encoded)) for _ in range(batch_size)]
-        batch = [encode({**rows[i], "answer": str(rng.randrange(10))})
-                 if answer_noise and rng.random() < answer_noise else encoded[i] for i in picks]
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((batch_size, width), pad)
         labels = torch.full((batch_size, width), -100)
