@@ -160,7 +160,7 @@ def cases(root, model, data, m, d, runs):
         ("malformed JSONL line", [f"data.path={d['malformed']}"], "train.jsonl': line 4 is not valid JSON"),
         ("JSONL line that is not an object", [f"data.path={d['array_line']}"], "line 2 is a JSON list"),
         ("unsupported data file type", [f"data.path={d['txt']}"], "unsupported dataset file type '.txt'"),
-        ("data folder without data files", [f"data.path={d['no_files']}"], "has no"),
+        ("data folder without data files", [f"data.path={d['no_files']}"], "doesn't contain any data files"),  # a README makes it a hub repo folder (datasets' rules)
         # output folder and checkpoints
         ("output dir under a file", [f"trainer.output_dir={root / 'a_file' / 'out'}"], "not a directory"),
         ("corrupt checkpoint marker", [f"checkpoint.resume={root / 'ckpt_bad' / 'step_00000002'}"], "incomplete or corrupt"),

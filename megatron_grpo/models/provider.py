@@ -295,6 +295,18 @@ def layer_spec(info: ModelInfo, *, te: bool | None = None):
     return specs.get_gpt_layer_local_spec(**kwargs)
 
 
+def _cast_float_params(model, dtype) -> None:
+    """Every fp32 parameter in ``params_dtype`` (what Megatron-LM's Float16Module does for bf16/fp16): the
+    local spec's torch norms ignore ``params_dtype`` and stayed fp32, and megatron-core's mixed-precision
+    optimizer cannot checkpoint fp32 parameters beside bf16 ones ("Param id N does not match any model
+    sharded param"). Its fp32 main parameters keep the precision of the update."""
+    if dtype == torch.float32:
+        return
+    for p in model.parameters():
+        if p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+
+
 def build_gpt_model(info: ModelInfo, config, *, pre_process: bool | None = None, post_process: bool | None = None,
                     padded_vocab_size: int | None = None, te: bool | None = None, vp_stage: int | None = None,
                     parallel_output: bool = True):
@@ -332,5 +344,6 @@ def build_gpt_model(info: ModelInfo, config, *, pre_process: bool | None = None,
     if vp_stage is not None and "vp_stage" in inspect.signature(GPTModel.__init__).parameters:
         kwargs["vp_stage"] = vp_stage
     model = GPTModel(**kwargs)
+    _cast_float_params(model, config.params_dtype)
     model.megatron_grpo_info = info  # lets loaders/exporters find the mapping facts from the module
     return model
