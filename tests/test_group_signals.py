@@ -13,7 +13,7 @@ import pytest
 from megatron_grpo.trainer.checkpoint import verify_checkpoint
 from tests.e2e import REPO, env, kill_tree, metrics, run_train, train_cmd
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("no_shm_leak")]
 
 COMMON = ["trainer.eval_steps=0", "trainer.export_at_end=false", "trainer.samples_every=0"]
 
