@@ -205,8 +205,8 @@ def _patch_megatron_moe() -> None:
     def as_ints(sizes):
         return None if sizes is None else [int(x) for x in (sizes.tolist() if hasattr(sizes, "tolist") else sizes)]
 
-    def forward(ctx, group, input, output_split_sizes, input_split_sizes):
-        return original(ctx, group, input, as_ints(output_split_sizes), as_ints(input_split_sizes))
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes, *rest, **kwargs):  # 0.19: use_nccl_stream
+        return original(ctx, group, input, as_ints(output_split_sizes), as_ints(input_split_sizes), *rest, **kwargs)
 
     forward._mgrpo_int_splits = True
     all_to_all.forward = staticmethod(forward)
