@@ -45,16 +45,26 @@ def _fill_empty_distributed_optimizer_state(optimizer) -> None:
         inner.zero_grad()
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core's DistributedOptimizer.load_state_dict gives every parameter's torch-Adam state the SAME
-    'step' tensor, which Adam then increments once per parameter: bias correction goes wrong from the
-    second step after a resume. One tensor per parameter, as before the save. (Resume with the distributed
-    optimizer still drifts, ~1e-3 in the loss after 2 steps, on 0.16 and 0.19: open; the plain one is exact.)"""
+def _restore_adam_steps(optimizer) -> None:
+    """Put the checkpoint's Adam step count back into every parameter's torch-Adam state (no TE/apex).
+
+    megatron-core's DistributedOptimizer (0.16 and 0.19) saves torch Adam's per-parameter 'step' only
+    in the common param_groups; its 'dp_reshardable' parameter state carries 'step' as a
+    LocalNonpersistentObject -- the LOADING optimizer's own step tensor (1 after the dummy step that
+    creates the state) -- and ``load_parameter_state_from_dp_reshardable`` copies that back over the
+    step that ``load_state_dict`` had just restored. Bias correction then used the wrong step and a
+    resumed run drifted (~1e-3 in the loss) from its first update on. Its ``load_state_dict`` also
+    gives every parameter the SAME step tensor, which torch Adam increments once per parameter.
+    The checkpoint's step survives in each param group ('step'): one fresh tensor per parameter."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", None)
-        for st in getattr(inner, "state", {}).values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+        if type(sub).__name__ != "DistributedOptimizer" or inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p, {})
+                if torch.is_tensor(st.get("step")) and group.get("step") is not None:
+                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype, device=st["step"].device)
 
 
 def _sharded(model_chunks, optimizer, *, is_loading: bool) -> dict:
@@ -157,7 +167,7 @@ def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler, s
         text = str(e).strip().splitlines()
         raise CheckpointError(f"{ckpt_dir}: cannot load the model/optimizer written at {_layout_text(saved)} "
                               f"at {_layout_text(now)}: {type(e).__name__}: {text[0][:300] if text else ''}") from None
-    _unshare_adam_steps(optimizer)
+    _restore_adam_steps(optimizer)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if saved == now:
