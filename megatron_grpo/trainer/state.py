@@ -138,6 +138,31 @@ def _reseed(seed: int, step: int) -> None:
     model_parallel_cuda_manual_seed(base)
 
 
+def _is_distributed(optimizer) -> bool:
+    return any(type(sub).__name__ == "DistributedOptimizer" for sub in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _dcp_exception() -> type:
+    """torch.distributed.checkpoint's CheckpointException derives from BaseException (not Exception)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return Exception
+    return CheckpointException
+
+
+def _first_cause(e: BaseException) -> BaseException:
+    """The first rank's own exception inside a CheckpointException (its text is a dump of every rank's
+    traceback), e.g. the KeyError naming the optimizer shard that a 'dp_reshardable' checkpoint lacks."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]  # (exception, stack summary)
+        first = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(first, BaseException):
+            return first
+    return e
+
+
 def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler, seed: int = 1234) -> dict:
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state.
     A checkpoint from another layout is resharded (RNG re-seeded, said once); what megatron-core
@@ -163,10 +188,15 @@ def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler, s
         unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
         with torch.no_grad():  # fp32 DistributedOptimizer: its main params are views of the model's (grad leaves)
             optimizer.load_state_dict(loaded["optimizer"])
-    except Exception as e:  # megatron-core's own exceptions: one line, on the rank that hit it
+    except (Exception, _dcp_exception()) as e:  # megatron-core's own exceptions: one line, on the rank that hit it
+        e = _first_cause(e)
         text = str(e).strip().splitlines()
+        hint = ""
+        if _is_distributed(optimizer) and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+            hint = (f" (the distributed optimizer's 'dp_reshardable' checkpoint keeps TP x PP: resume at "
+                    f"tp={saved['tp']} pp={saved['pp']}, any DP)")
         raise CheckpointError(f"{ckpt_dir}: cannot load the model/optimizer written at {_layout_text(saved)} "
-                              f"at {_layout_text(now)}: {type(e).__name__}: {text[0][:300] if text else ''}") from None
+                              f"at {_layout_text(now)}{hint}: {type(e).__name__}: {text[0][:300] if text else ''}") from None
     _restore_adam_steps(optimizer)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
