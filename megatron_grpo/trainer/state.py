@@ -45,16 +45,26 @@ def _fill_empty_distributed_optimizer_state(optimizer) -> None:
         inner.zero_grad()
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core's DistributedOptimizer.load_state_dict gives every parameter's torch-Adam state the SAME
-    'step' tensor, which Adam then increments once per parameter: bias correction goes wrong from the
-    second step after a resume. One tensor per parameter, as before the save. (Resume with the distributed
-    optimizer still drifts, ~1e-3 in the loss after 2 steps, on 0.16 and 0.19: open; the plain one is exact.)"""
+def _restore_adam_steps(optimizer) -> None:
+    """Put the checkpoint's Adam step count back into every parameter's torch-Adam state (no TE/apex).
+
+    megatron-core's DistributedOptimizer (0.16 and 0.19) saves torch Adam's per-parameter 'step' only
+    in the common param_groups; its 'dp_reshardable' parameter state carries 'step' as a
+    LocalNonpersistentObject -- the LOADING optimizer's own step tensor (1 after the dummy step that
+    creates the state) -- and ``load_parameter_state_from_dp_reshardable`` copies that back over the
+    step that ``load_state_dict`` had just restored. Bias correction then used the wrong step and a
+    resumed run drifted (~1e-3 in the loss) from its first update on. Its ``load_state_dict`` also
+    gives every parameter the SAME step tensor, which torch Adam increments once per parameter.
+    The checkpoint's step survives in each param group ('step'): one fresh tensor per parameter."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(sub, "optimizer", None)
-        for st in getattr(inner, "state", {}).values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+        if type(sub).__name__ != "DistributedOptimizer" or inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state.get(p, {})
+                if torch.is_tensor(st.get("step")) and group.get("step") is not None:
+                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype, device=st["step"].device)
 
 
 def _sharded(model_chunks, optimizer, *, is_loading: bool) -> dict:
@@ -128,6 +138,31 @@ def _reseed(seed: int, step: int) -> None:
     model_parallel_cuda_manual_seed(base)
 
 
+def _is_distributed(optimizer) -> bool:
+    return any(type(sub).__name__ == "DistributedOptimizer" for sub in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _dcp_exception() -> type:
+    """torch.distributed.checkpoint's CheckpointException derives from BaseException (not Exception)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return Exception
+    return CheckpointException
+
+
+def _first_cause(e: BaseException) -> BaseException:
+    """The first rank's own exception inside a CheckpointException (its text is a dump of every rank's
+    traceback), e.g. the KeyError naming the optimizer shard that a 'dp_reshardable' checkpoint lacks."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]  # (exception, stack summary)
+        first = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(first, BaseException):
+            return first
+    return e
+
+
 def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler, seed: int = 1234) -> dict:
     """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns trainer_state.
     A checkpoint from another layout is resharded (RNG re-seeded, said once); what megatron-core
@@ -153,11 +188,16 @@ def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler, s
         unwrap_model(model_chunks[0]).load_state_dict(loaded["model"])
         with torch.no_grad():  # fp32 DistributedOptimizer: its main params are views of the model's (grad leaves)
             optimizer.load_state_dict(loaded["optimizer"])
-    except Exception as e:  # megatron-core's own exceptions: one line, on the rank that hit it
+    except (Exception, _dcp_exception()) as e:  # megatron-core's own exceptions: one line, on the rank that hit it
+        e = _first_cause(e)
         text = str(e).strip().splitlines()
+        hint = ""
+        if _is_distributed(optimizer) and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+            hint = (f" (the distributed optimizer's 'dp_reshardable' checkpoint keeps TP x PP: resume at "
+                    f"tp={saved['tp']} pp={saved['pp']}, any DP)")
         raise CheckpointError(f"{ckpt_dir}: cannot load the model/optimizer written at {_layout_text(saved)} "
-                              f"at {_layout_text(now)}: {type(e).__name__}: {text[0][:300] if text else ''}") from None
-    _unshare_adam_steps(optimizer)
+                              f"at {_layout_text(now)}{hint}: {type(e).__name__}: {text[0][:300] if text else ''}") from None
+    _restore_adam_steps(optimizer)
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if saved == now:

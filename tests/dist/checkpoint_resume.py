@@ -4,8 +4,10 @@ Per layout (TP1 x PP2 with the plain optimizer; DP2 with the distributed optimiz
 sharded over DP): 2 GRPO steps, save (``save_training_state``), 2 more steps -> parameters P and
 losses L. Then a fresh, differently initialised model + optimizer + scheduler, ``load_training_state``,
 the same 2 steps. Plain optimizer: parameters and losses equal P and L exactly (Adam moments, step
-counts, LR schedule and RNG all came back). Distributed optimizer: the model comes back exactly and
-saves/loads on 0.16 and 0.19, but its later updates drift (~1e-3): reported, not yet fixed.
+counts, LR schedule and RNG all came back). Distributed optimizer: the same, and its inner torch-Adam state
+(fp32 main params, exp_avg, exp_avg_sq, the per-parameter step used for bias correction, lr and weight
+decay) equals the live one at the save, tensor by tensor (the step was once lost on load: see
+``trainer.state._restore_adam_steps``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,31 @@ def _params(chunks) -> dict:
     return {n: p.detach().clone() for n, p in named_global_parameters(chunks)}
 
 
+def _adam_state(opt) -> list:
+    """The inner torch optimizer's state in parameter order: (hyper-parameters, {key: tensor}) per param."""
+    out = []
+    for sub in getattr(opt, "chained_optimizers", [opt]):
+        for group in sub.optimizer.param_groups:
+            hp = {k: group[k] for k in ("lr", "weight_decay", "betas", "eps")}
+            for p in group["params"]:
+                st = sub.optimizer.state.get(p, {})
+                out.append((hp, {"param": p.detach().clone(),
+                                 **{k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)}}))
+    return out
+
+
+def _adam_state_diff(a: list, b: list) -> float:
+    """Largest difference between two ``_adam_state`` snapshots; inf if their structure differs."""
+    if len(a) != len(b):
+        return float("inf")
+    worst = 0.0
+    for (hpa, ta), (hpb, tb) in zip(a, b):
+        if hpa != hpb or ta.keys() != tb.keys() or any(ta[k].shape != tb[k].shape for k in ta):
+            return float("inf")
+        worst = max([worst] + [float((ta[k].double() - tb[k].double()).abs().max()) for k in ta if ta[k].numel()])
+    return worst
+
+
 def _run_layout(report: dict, model_dir: str, root: Path, *, tp: int, pp: int, dist_opt: bool) -> None:
     from megatron.core import parallel_state as ps
 
@@ -57,7 +84,7 @@ def _run_layout(report: dict, model_dir: str, root: Path, *, tp: int, pp: int, d
     writer = CheckpointWriter(root / name, keep_last=2)
     final = save_training_state(writer, 2, model_chunks=ddp, optimizer=opt, scheduler=sched,
                                 trainer_state={"marker": name}, meta={"tp": tp, "pp": pp})
-    at_save = _params(ddp)
+    at_save, adam_at_save = _params(ddp), _adam_state(opt)
     losses = [step(shard)["loss"] for _ in range(2)]
     want = _params(ddp)
 
@@ -65,13 +92,15 @@ def _run_layout(report: dict, model_dir: str, root: Path, *, tp: int, pp: int, d
     assert any(not torch.equal(want[n], p) for n, p in _params(ddp2).items())  # really a different start
     state = load_training_state(final, model_chunks=ddp2, optimizer=opt2, scheduler=sched2)
     assert state["marker"] == name and state["step"] == 2
-    after_load = _params(ddp2)
+    after_load, adam_after_load = _params(ddp2), _adam_state(opt2)
     again = [step2(shard)["loss"] for _ in range(2)]
     got = _params(ddp2)
     report[name] = {
         "loss_diff": max(abs(a - b) for a, b in zip(losses, again)),
         "param_diff": max(float((want[n] - got[n]).abs().max()) for n in want),
         "load_diff": max(float((at_save[n] - after_load[n]).abs().max()) for n in at_save),
+        "adam_state_diff": _adam_state_diff(adam_at_save, adam_after_load),
+        "adam_state_keys": sorted({k for _, t in adam_at_save for k in t}),
         "loss_diffs": [abs(a - b) for a, b in zip(losses, again)],
         "written_by": json.loads((final / "COMPLETE").read_text()).get("megatron_core_version"),
     }
