@@ -37,9 +37,9 @@ def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
 
     cmd = [sys.executable, "-m", "megatron_grpo.launch", f"--nproc-per-node={nproc}", "--max-restarts=0",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_grpo.cli", *argv]
-    from megatron_grpo.launcher import run_forwarding_signals
+    from megatron_grpo.launch import run_forwarding_signals
 
-    return run_forwarding_signals(cmd)  # group signals reach the ranks, not torchrun (launcher.py)
+    return run_forwarding_signals(cmd)  # group signals reach the ranks, not torchrun (launch.py)
 
 
 def cmd_train(args) -> int:

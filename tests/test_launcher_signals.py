@@ -37,7 +37,7 @@ open(sys.argv[1] + "/saved", "w").write(",".join(map(str, got)))
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["term", "int", "usr1"])
 def test_group_signal_reaches_the_ranks_once_and_not_torchrun(tmp_path, signum):
-    code = ("import sys; from megatron_grpo.launcher import run_forwarding_signals; "
+    code = ("import sys; from megatron_grpo.launch import run_forwarding_signals; "
             "sys.exit(run_forwarding_signals([sys.executable, '-c', sys.argv[1], sys.argv[2], sys.argv[3]]))")
     proc = subprocess.Popen([sys.executable, "-c", code, AGENT, str(tmp_path), WORKER], cwd=REPO, env=env(),
                             start_new_session=True)
