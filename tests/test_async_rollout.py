@@ -36,7 +36,7 @@ def test_async_disaggregated_learns_one_version_stale(assets, tmp_path):
     assert [r["rollout/staleness"] for r in rows] == [0.0] + [1.0] * 19
     assert [r["rollout/weight_version"] for r in rows] == [0.0] + [float(s - 2) for s in range(2, 21)]
     assert all("time/rollout_wait" in r and "train/is_weight" in r for r in rows)
-    first = sum(r["reward/mean"] for r in rows[:5]) / 5  # seen: 0.047 -> 0.33 (30 steps: 0.08 -> 0.51 over 10)
+    first = sum(r["reward/mean"] for r in rows[:5]) / 5  # seen: 0.047 -> 0.34 (30 steps: 0.08 -> 0.51 over 10)
     last = sum(r["reward/mean"] for r in rows[-5:]) / 5
     assert last >= 2 * first, (first, last)
 
