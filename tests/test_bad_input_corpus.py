@@ -136,6 +136,9 @@ def cases(root, model, data, m, d, runs):
         ("IS cap below 1", ["algorithm.importance_sampling=token", "algorithm.importance_sampling_cap=0.5"],
          "algorithm.importance_sampling_cap=0.5"),
         ("dual clip <= 1", ["algorithm.dual_clip=0.5"], "algorithm.dual_clip=0.5"),
+        ("async rollout without IS correction", ["rollout.async_steps=1"], "set algorithm.importance_sampling"),
+        ("async rollout deeper than one step", ["rollout.async_steps=2", "algorithm.importance_sampling=token"],
+         "rollout.async_steps=2 is not one of: 0, 1"),
         ("KL without a reference", ["algorithm.kl_coef=0.1", "algorithm.reference=none"], "algorithm.reference=none needs"),
         ("clip range outside (0, 1)", ["algorithm.ratio_clip_low=1.5"], "algorithm.ratio_clip_low=1.5"),
         ("unknown loss aggregation", ["algorithm.loss_agg=sum"], "algorithm.loss_agg='sum' is not one of"),
@@ -188,7 +191,7 @@ def test_corpus_size(world):
     assert len(table) >= 40 and len({c[0] for c in table}) == len(table)
 
 
-@pytest.mark.parametrize("index", range(53))
+@pytest.mark.parametrize("index", range(55))
 def test_bad_input(world, capsys, index):
     root, model, data = world[:3]
     table, _ = cases(*world)

@@ -60,6 +60,9 @@ class RolloutConfig:
     sync_bucket_mb: int = 256  # weight-sync bucket size
     weights_path: Optional[str] = None  # disaggregated: push weights through this shared folder instead of a process group
     devices: Optional[List[int]] = None  # disaggregated on CUDA: the driver node's GPUs the engine gets
+    # one-step off-policy generation: 1 = step k+1's batch is generated (weights of step k-1) while step k trains;
+    #   needs algorithm.importance_sampling; overlaps on the disaggregated placement, sequential colocated
+    async_steps: int = 0  # 0 | 1
 
 
 @dataclass

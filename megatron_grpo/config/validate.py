@@ -20,6 +20,7 @@ CHOICES = {
     "model.recompute": ("none", "selective", "full"),
     "model.use_transformer_engine": ("auto", "true", "false"),
     "rollout.placement": ("colocated", "disaggregated"),
+    "rollout.async_steps": (0, 1),
     "algorithm.adv_scale": ("group", "batch", "none"),
     "algorithm.kl_kind": ("k1", "k2", "k3", "kl", "mse", "low_var_kl"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
@@ -202,6 +203,9 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if a.dual_clip is not None and a.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or null to disable)")
     _check_policy_loss(a)
+    if r.async_steps and a.importance_sampling is None:
+        raise ConfigError("rollout.async_steps=1 trains on samples one weight version old: set "
+                          "algorithm.importance_sampling (token or sequence) to correct against the rollout's logprobs")
     if a.max_tokens_per_microbatch is not None and a.max_tokens_per_microbatch <= 0:
         raise ConfigError(f"algorithm.max_tokens_per_microbatch={a.max_tokens_per_microbatch} must be > 0 "
                           "(or null for fixed micro_batch_size micro-batches)")

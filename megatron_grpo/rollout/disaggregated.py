@@ -262,6 +262,35 @@ class DisaggregatedEngine(DriverOwnedEngine):
         return self._from_driver(lambda: self.runner.generate(prompts, list(range(len(prompts))), sampling, seed,
                                                               self.weight_version))
 
+    def generate_in_background(self, prompts: Sequence, sampling: SamplingConfig, seed: int):
+        """Start :meth:`generate` on a thread of the driver (the engine works in its own processes; the
+        driver only waits on the RPC) and return a ``join()`` that every rank calls: it waits for the
+        thread on the driver and broadcasts the batch (or its error) as :meth:`generate` does. No other
+        engine call (weight update, generate) may run before ``join()`` returns."""
+        prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        box, version = {}, self.weight_version
+        thread = None
+        if self.is_driver:
+            def work():
+                try:
+                    box["batch"] = self.runner.generate(prompts, list(range(len(prompts))), sampling, seed, version)
+                except Exception as e:  # re-raised by join() on every rank
+                    box["error"] = e
+
+            thread = threading.Thread(target=work, name="mgrpo-generate", daemon=True)
+            thread.start()
+
+        def join() -> RolloutBatch:
+            def result():
+                thread.join()
+                if "error" in box:
+                    raise box["error"]
+                return box["batch"]
+
+            return self._from_driver(result)
+
+        return join
+
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         sequences = [[int(t) for t in s] for s in sequences]
         return self._from_driver(lambda: self.runner.score(sequences))

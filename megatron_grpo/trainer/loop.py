@@ -71,6 +71,8 @@ def run_training(cfg: DictConfig) -> int:
         policy.train_step.skipped_steps = state.get("skipped_steps", 0)
         _log(f"resumed from {resume_dir} at step {start_step}")
     bridge.sync(version=weight_version)  # vLLM starts from the policy's (possibly resumed) weights
+    prefetch = _off_policy_rollout(cfg, engine, bridge, data, sampler, weight_version, num_steps,
+                                   state if resume_dir is not None else None, start_step)  # async_steps=1, else None
     if rank0:  # the first write: a start that failed above left the folder's run as it was
         start_run(run)
         save_config(cfg, out_dir)
@@ -90,15 +92,19 @@ def run_training(cfg: DictConfig) -> int:
         while step < num_steps:
             step += 1
             metrics = grpo_step(cfg, step=step, data=data, sampler=sampler, engine=engine, scorer=scorer,
-                                policy=policy, bridge=bridge, layout=layout, tokenizer=tokenizer, logger=logger)
+                                policy=policy, bridge=bridge, layout=layout, tokenizer=tokenizer, logger=logger,
+                                prefetch=prefetch)
             if cfg.trainer.eval_steps and (step % cfg.trainer.eval_steps == 0 or step == num_steps):
+                if prefetch is not None:
+                    prefetch.sync_for_eval()
                 metrics.update(run_eval(cfg, step=step, data=data, engine=engine, scorer=scorer))
             if rank0:
                 logger.log(step, metrics)
                 progress.update(step, metrics)  # a bar on a terminal, else a line every trainer.log_every steps
             stop = _agree(preempt.set)
             if stop or step == num_steps or (cfg.checkpoint.save_steps and step % cfg.checkpoint.save_steps == 0):
-                save(cfg, writer, step, policy=policy, sampler=sampler, version=bridge.version, layout=layout)
+                save(cfg, writer, step, policy=policy, sampler=sampler, version=bridge.version, layout=layout,
+                     prefetch=prefetch)
             if stop:
                 _log(f"preemption signal {preempt.received}: checkpoint of step {step} saved; exiting")
                 break
@@ -113,6 +119,23 @@ def run_training(cfg: DictConfig) -> int:
         engine.shutdown()
         destroy_distributed()
     return 0
+
+
+def _off_policy_rollout(cfg, engine, bridge, data, sampler, weight_version, num_steps, state, start_step):
+    """``rollout.async_steps=1``: the in-flight generation (``rollout/prefetch.py``), with a resumed
+    checkpoint's in-flight batch; None for on-policy runs."""
+    if not cfg.rollout.get("async_steps", 0):
+        return None
+    from megatron_grpo.rollout.prefetch import OffPolicyRollout
+    from megatron_grpo.trainer.components import sampling_config
+    from megatron_grpo.trainer.state import INFLIGHT_KEY
+
+    prefetch = OffPolicyRollout(cfg, engine=engine, bridge=bridge, data=data, sampler=sampler,
+                                sampling=sampling_config(cfg, n=cfg.rollout.num_generations),
+                                policy_version=weight_version, num_steps=num_steps, log=_log)
+    if state is not None:
+        prefetch.load_state_dict(state.get(INFLIGHT_KEY), next_step=start_step + 1)
+    return prefetch
 
 
 def _start_helpers(cfg, preempt):
@@ -172,7 +195,8 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layout, tokenizer, logger) -> dict:
+def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layout, tokenizer, logger,
+              prefetch=None) -> dict:
     """One GRPO step on every rank; returns this step's metrics (identical on every rank)."""
     from megatron_grpo.trainer.passes import dp_shard_rows, gather_rows, old_policy_logprobs
     from megatron_grpo.training.batch import GRPOBatch
@@ -182,7 +206,14 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
     # 1. prompts -> G completions each (same batch on every rank)
     with timer("rollout"):
         rollout, result, extra = sample_informative_batch(cfg, step=step, data=data, sampler=sampler, engine=engine,
-                                                          scorer=scorer, G=G)
+                                                          scorer=scorer, G=G,
+                                                          first=prefetch.take(step) if prefetch else None)
+    if prefetch is not None:  # async_steps=1: sync v_{k-1} (nothing in flight now), start step k+1's generate
+        extra = {**extra, **prefetch.check(rollout)}
+        with timer("sync"):
+            prefetch.sync_engine()
+        with timer("rollout_launch"):
+            prefetch.launch(step)
     engine.sleep()  # CUDA: free the engine's memory for training (no-op on CPU)
     rewards = torch.tensor(result.total, dtype=torch.float32)
     tensors = batching.rollout_to_tensors(rollout, pad_id=tokenizer.pad_token_id)
@@ -215,8 +246,11 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
         check_rollout_parity(cfg, policy.train_step.last_logprobs, tensors.rollout_logprobs[rows], shard_mask,
                              log=_log)
     # 5. weight sync into vLLM
-    with timer("sync"):
-        bridge.sync()
+    if prefetch is not None:
+        prefetch.trained()  # the engine gets these weights at the next step, once its batch is joined
+    else:
+        with timer("sync"):
+            bridge.sync()
 
     m = summarize_step(rollout, result, rewards, advantages, tensors, updates, timer, extra, scorer)
     if layout.rank == 0:
@@ -230,18 +264,23 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
     return m
 
 
-def sample_informative_batch(cfg, *, step, data, sampler, engine, scorer, G):
-    """Generate and score; with dynamic sampling (DAPO) drop zero-variance groups and refill."""
+def sample_informative_batch(cfg, *, step, data, sampler, engine, scorer, G, first=None):
+    """Generate and score; with dynamic sampling (DAPO) drop zero-variance groups and refill.
+    ``first``: (prompt indices, batch) of the first generate, made earlier (async rollout)."""
+    from megatron_grpo.rollout.prefetch import rollout_seed
     from megatron_grpo.trainer.components import sampling_config
 
     wanted, tries, kept, results, dropped = cfg.algorithm.num_prompts_per_step, 0, [], [], 0
     sampling = sampling_config(cfg, n=G)
     while True:
         tries += 1
-        idx = sampler.next_global_batch()
-        rows = data.train.select(idx)
-        rollout = engine.generate(list(rows["prompt_ids"]), sampling,
-                                  seed=cfg.trainer.seed * 1_000_003 + step * 101 + tries)
+        if tries == 1 and first is not None:
+            idx, rollout = first
+            rows = data.train.select(idx)
+        else:
+            idx = sampler.next_global_batch()
+            rows = data.train.select(idx)
+            rollout = engine.generate(list(rows["prompt_ids"]), sampling, seed=rollout_seed(cfg, step, tries))
         sols = [s for s in rows["solution"] for _ in range(G)]
         result = scorer(rollout.completion_texts, solutions=sols, completion_ids=rollout.completion_token_ids,
                         group_ids=[i // G for i in range(len(rollout))])
@@ -362,14 +401,17 @@ def run_eval(cfg, *, step, data, engine, scorer) -> dict:
                             sampling=sampling_config(cfg, n=n), seed=step, ks=ks)
 
 
-def save(cfg, writer, step, *, policy, sampler, version, layout) -> None:
-    from megatron_grpo.trainer.state import save_training_state
+def save(cfg, writer, step, *, policy, sampler, version, layout, prefetch=None) -> None:
+    from megatron_grpo.trainer.state import INFLIGHT_KEY, save_training_state
 
     t = time.monotonic()
+    extra = {}
+    if prefetch is not None:  # async: the policy is a version ahead of the engine; the batch in flight is saved
+        version, extra = prefetch.policy_version, {INFLIGHT_KEY: prefetch.state_dict()}
     final = save_training_state(
         writer, step, model_chunks=policy.chunks, optimizer=policy.optimizer, scheduler=policy.scheduler,
         trainer_state={"sampler": sampler.state_dict(), "weight_version": version,
-                       "skipped_steps": policy.train_step.skipped_steps},
+                       "skipped_steps": policy.train_step.skipped_steps, **extra},
         meta={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp})
     _log(f"checkpoint {final} ({time.monotonic() - t:.1f}s)")
 

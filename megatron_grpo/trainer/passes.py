@@ -21,7 +21,7 @@ __all__ = ["on_policy", "old_policy_logprobs", "dp_shard_rows", "gather_rows"]
 def on_policy(cfg) -> bool:
     """True when the training forward's logprobs can serve as the old-policy logprobs."""
     a = cfg.algorithm
-    if a.get("recompute_old_logprobs", False):
+    if a.get("recompute_old_logprobs", False) or (cfg.get("rollout") or {}).get("async_steps", 0):  # off-policy batch
         return False
     return a.update_epochs == 1 and a.mini_batches == 1 and not (a.kl_in_reward and a.kl_coef > 0)
 

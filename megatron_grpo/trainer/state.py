@@ -22,6 +22,7 @@ from megatron_grpo.models.loader import unwrap_model
 from megatron_grpo.trainer.checkpoint import MARKER, CheckpointError, CheckpointWriter, load_rng, save_rng
 
 STATE_FILE = "trainer_state.json"
+INFLIGHT_FILE, INFLIGHT_KEY = "inflight_rollout.json", "inflight_rollout"  # rollout.async_steps=1 (rollout/prefetch.py)
 # The distributed optimizer's checkpoint layout, named explicitly (Megatron-LM's default): megatron-core's own
 # default, 'fully_sharded_model_space', is deprecated and 0.19 cannot save it ("flattened_range is not
 # supported"). 'dp_reshardable' exists in 0.16 and 0.19; the plain optimizer ignores it.
@@ -103,6 +104,9 @@ def _save_training_state(writer, step, *, model_chunks, optimizer, scheduler, tr
     if rank == 0:
         state = dict(trainer_state, step=step,
                      scheduler=scheduler.state_dict() if scheduler is not None else None)
+        inflight = state.pop(INFLIGHT_KEY, None)  # async rollout's batch in flight: a compact file of its own
+        if inflight is not None:
+            (tmp / INFLIGHT_FILE).write_text(json.dumps(inflight, separators=(",", ":")))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
     dist.barrier()
     meta = {**meta, **ckpt_versions.writer_meta()}  # the COMPLETE marker names the writing megatron-core
@@ -178,6 +182,11 @@ def load_training_state(ckpt_dir: Path, *, model_chunks, optimizer, scheduler, s
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{state_file}: not valid JSON ({e.msg})") from None
+    if (ckpt_dir / INFLIGHT_FILE).is_file():  # float repr round-trips: the batch comes back bit for bit
+        try:
+            state[INFLIGHT_KEY] = json.loads((ckpt_dir / INFLIGHT_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{ckpt_dir / INFLIGHT_FILE}: not valid JSON ({e.msg})") from None
     written_by = json.loads((ckpt_dir / MARKER).read_text()).get(ckpt_versions.META_KEY) if (ckpt_dir / MARKER).is_file() else None
     ckpt_versions.check_readable(ckpt_dir, ckpt_dir / "model", written_by, training=True, error=CheckpointError)
     now, meta = current_layout(), marker_meta(ckpt_dir)
