@@ -1,0 +1,66 @@
+"""R2 routing replay on a tiny Qwen3-MoE at EP=2 (DP=2), after real optimizer steps:
+
+* the old pass's record is per sequence: identical under fixed micro-batches of 2 and 8 rows and
+  token-budget micro-batches (regrouped, reordered, cut rows);
+* the first update runs at the old pass's weights: no (token, layer) expert set differs (exactness of
+  the keying across micro-batchings); after the updates, without replay some do;
+* with R2 none does, at 1, 2, 8 rows and token-budget micro-batches, and the training forward's
+  logprobs equal a forward with the recorded routing forced; the free routing gives other logprobs;
+* the reference pass replays the record (its weights are the old pass's: it gives the old logprobs);
+* megatron's aux loss is logged.
+"""
+import pytest
+
+from megatron_grpo.testing.torchrun import run_distributed
+from tests.dist.moe_bodies import make_moe_models
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    models = make_moe_models(tmp_path_factory.mktemp("rr-hf"), archs=("qwen3_moe",))
+    work = tmp_path_factory.mktemp("rr-w")
+    return run_distributed("tests.dist.routing_replay_bodies:routing_replay", 2, workdir=work, timeout=900,
+                           kwargs={"model_dir": models["qwen3_moe"], "ep": 2})
+
+
+def test_record_is_per_sequence(run):
+    for r in run:
+        assert r["dp"] == 2 and r["ep"] == 2
+        assert r["record_shape"][2:] == [2, 2]  # 2 MoE layers x top-2
+        assert r["record_split_equal"], r
+        assert r["old_split_err"] <= 1e-5, r
+        assert r["changed_first_update"] == 0.0, r
+
+
+def test_without_replay_routing_changes_with_r2_it_does_not(run):
+    print({k: v for k, v in run[0].items()})
+    for r in run:
+        assert r["changed_none"] > 0.0, r  # the updates moved some tokens to other experts
+        assert r["free_vs_forced"] > 1e-4, r  # ... which changes their logprobs
+        for key, frac in r["changed_r2"].items():
+            assert frac == 0.0, (key, r)  # fails when replay stops being applied
+        for key, err in r["r2_vs_forced"].items():
+            assert err <= 1e-5, (key, r)
+
+
+def test_reference_replays_and_aux_loss_is_logged(run):
+    for r in run:
+        assert r["ref_vs_old"] <= 1e-6, r
+        assert r["aux_metrics"].get("moe/load_balancing_loss", 0.0) > 0.0, r
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["algorithm.routing_replay=r3"], "algorithm.routing_replay"),
+    (["algorithm.routing_replay=r2", "model.recompute=full", "parallel.pp=2", "parallel.world_size=2"],
+     "algorithm.routing_replay=r2 with model.recompute=full needs parallel.pp=1"),
+])
+def test_routing_replay_config_errors_are_one_line(tmp_path, overrides, expected):
+    from megatron_grpo.config import ConfigError, load_config, validate
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"problem": "1+1", "solution": "\\\\boxed{2}"}\n')
+    args = [f"model.path={tmp_path / 'model'}", "model.init=tiny", "model.tiny.arch=qwen3_moe",
+            f"data.path={data}", f"trainer.output_dir={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(None, args + overrides))
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
