@@ -28,6 +28,7 @@ def test_record_is_per_sequence(run):
         assert r["dp"] == 2 and r["ep"] == 2
         assert r["record_shape"][2:] == [2, 2]  # 2 MoE layers x top-2
         assert r["record_split_equal"], r
+        assert r["trainer_old_pass_equal"] and not r["record_on_policy"], r
         assert r["old_split_err"] <= 1e-5, r
         assert r["changed_first_update"] == 0.0, r
 

@@ -201,9 +201,10 @@ def changed_choices(maps, target: torch.Tensor, lengths, *, sequence_parallel: b
         n = s // ps.get_tensor_model_parallel_world_size()
         lo = ps.get_tensor_model_parallel_rank() * n
         target = target[:, lo:lo + n]
-    used = torch.stack([m.reshape(-1, b, m.shape[-1]).transpose(0, 1).cpu() for m in maps], dim=2)  # [b, s, L, E]
-    rec = torch.zeros_like(used).scatter_(-1, target.long().cpu(), True)
-    valid = (lo + torch.arange(used.shape[1]))[None, :] < torch.as_tensor(lengths)[:, None]
+    used = torch.stack([m.reshape(-1, b, m.shape[-1]).transpose(0, 1) for m in maps], dim=2)  # [b, s, L, E]
+    rec = torch.zeros_like(used).scatter_(-1, target.to(device=used.device, dtype=torch.long), True)
+    pos = lo + torch.arange(used.shape[1], device=used.device)
+    valid = pos[None, :] < torch.as_tensor(lengths, device=used.device)[:, None]
     diff = (used != rec).any(-1) & valid[..., None]
     return int(diff.sum()), int(valid.sum()) * len(maps)
 

@@ -69,7 +69,9 @@ class GRPOTrainStep:
     ``loss``: keyword arguments for ``algorithms.grpo_loss`` (agg_mode, eps_low, eps_high,
     dual_clip, kl_coef, kl_kind, kl_clamp, is_level, is_cap, entropy_coef, policy_loss_kind). ``max_len``: the run's
     max completion length, needed by ``agg_mode="seq-mean-token-sum-norm"``. ``log_entropy``:
-    compute the policy entropy as a metric even when ``entropy_coef == 0`` (cheap).
+    compute the policy entropy as a metric even when ``entropy_coef == 0`` (cheap). ``routing_replay``
+    (MoE): ``"r2"`` forces ``batch.routing`` (the old pass's experts, ``models/routing_replay.py``) in
+    every micro-batch; with either mode ``moe/routing_changed_frac`` compares the used routing with it.
     """
 
     def __init__(self, model_chunks, optimizer, scheduler=None, *, micro_batch_size: int,
@@ -255,7 +257,7 @@ class GRPOTrainStep:
         self._zero_grads()
         for chunk in self.model_chunks:
             chunk.train()
-        captured = []
+        captured, self._routing_counts = [], [0, 0]
         with variable_shapes(self.config, groups is not None):
             per_mb = get_forward_backward_func()(
                 forward_step_func=self._forward_step(normalizer, captured), data_iterator=iter(micro_batches),

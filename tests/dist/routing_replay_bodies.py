@@ -46,7 +46,18 @@ def routing_replay(model_dir: str, ep: int = 2, lr: float = 0.05, updates: int =
         rec = RoutingRecord(*ids.shape)
         old = compute_logprobs(chunks, ids, mask, routing=RoutingPass(chunks, "record", rec), **kw, **lp_kw)
         recs[key] = (rec, old)
-    record, old_lp = recs["mbs2"]
+    # the trainer's own old pass (trainer/passes.py): a record only when there is an old pass
+    from omegaconf import OmegaConf
+
+    from megatron_grpo.trainer.passes import old_policy_logprobs, routing_record
+
+    algo = dict(update_epochs=1, mini_batches=1, kl_in_reward=False, kl_coef=0.0)
+    r["record_on_policy"] = routing_record(OmegaConf.create({"algorithm": algo}), info, ids) is not None
+    cfg = OmegaConf.create({"algorithm": {**algo, "mini_batches": 2}})
+    record = routing_record(cfg, info, ids)
+    old_lp = old_policy_logprobs(cfg, chunks, ids, mask, routing_record=record, micro_batch_size=2, **lp_kw)
+    r["trainer_old_pass_equal"] = bool(torch.equal(record.tensor, recs["mbs2"][0].tensor)) and \
+        bool(torch.equal(old_lp, recs["mbs2"][1]))
     r["record_shape"] = list(record.tensor.shape)
     r["record_split_equal"] = all(bool(torch.equal(_sets(recs[k][0].tensor)[valid], _sets(record.tensor)[valid]))
                                   for k in recs)
