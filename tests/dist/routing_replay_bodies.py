@@ -16,7 +16,19 @@ def _sets(t):
     return t.sort(-1).values
 
 
-def routing_replay(model_dir: str, ep: int = 2, lr: float = 0.05, updates: int = 3) -> dict:
+def routing_replay_layouts(model_dir: str, layouts: list, **kw) -> dict:
+    """:func:`routing_replay` at each ``(tp, ep, pp, sequence_parallel)`` of ``layouts`` in one launch."""
+    from megatron_grpo.distributed.init import destroy_distributed
+
+    out = {f"tp{tp}ep{ep}pp{pp}{'sp' if sp else ''}": routing_replay(model_dir, ep=ep, tp=tp, pp=pp, sp=sp,
+                                                                   destroy=False, **kw)
+           for tp, ep, pp, sp in layouts}
+    destroy_distributed()
+    return out
+
+
+def routing_replay(model_dir: str, ep: int = 2, lr: float = 0.05, updates: int = 3, tp: int = 1, pp: int = 1,
+                   sp: bool = False, destroy: bool = True) -> dict:
     from megatron_grpo.distributed.init import destroy_distributed
     from megatron_grpo.models.logprobs import compute_logprobs
     from megatron_grpo.models.provider import load_model_info
@@ -26,8 +38,8 @@ def routing_replay(model_dir: str, ep: int = 2, lr: float = 0.05, updates: int =
     from megatron_grpo.training.token_budget import row_lengths
 
     info = load_model_info(model_dir)
-    layout = _reinit(1, ep, 1)
-    model, _ = _build(model_dir, info=info)
+    layout = _reinit(tp, ep, pp)
+    model, _ = _build(model_dir, info=info, sequence_parallel=sp)
     chunks = wrap_model_for_training([model])
     opt = build_optimizer(chunks, lr=lr, clip_grad=0.0)
     # every DP rank: the same row lengths (other tokens), so token-budget plans give every EP rank the same
@@ -37,7 +49,7 @@ def routing_replay(model_dir: str, ep: int = 2, lr: float = 0.05, updates: int =
     lp_kw = dict(temperature=1.0, vocab_size=info.vocab_size)
     lengths = row_lengths(mask)
     valid = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
-    r = {"dp": layout.dp, "ep": ep}
+    r = {"dp": layout.dp, "ep": ep, "pp": pp}
 
     # 1. the old pass records each row's experts: the same record whatever the micro-batching
     recs = {}
@@ -89,9 +101,11 @@ def routing_replay(model_dir: str, ep: int = 2, lr: float = 0.05, updates: int =
                              micro_batch_size=kw["micro_batch_size"], max_tokens_per_microbatch=kw.get("max_tokens"))
         m = step.compute_gradients(batch)
         r["changed_r2"][key] = m["moe/routing_changed_frac"]
-        r["r2_vs_forced"][key] = float(((step.last_logprobs - forced) * mask).abs().max())
+        if step.last_logprobs is not None:  # the last pipeline stage
+            r["r2_vs_forced"][key] = float(((step.last_logprobs - forced) * mask).abs().max())
     # 4. the reference pass replays too (its weights are the old pass's: the old logprobs, exactly)
     ref_lp = reference.logprobs(ids, mask, routing_record=record, micro_batch_size=8, **lp_kw)
     r["ref_vs_old"] = float(((ref_lp - old_lp) * mask).abs().max())
-    destroy_distributed()
+    if destroy:
+        destroy_distributed()
     return r
