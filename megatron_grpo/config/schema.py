@@ -96,6 +96,9 @@ class AlgorithmConfig:
     # on-policy (update_epochs = mini_batches = 1) the old logprobs are the training forward's own; true runs
     # the separate old-policy pass anyway (same numbers, one forward pass more; for comparison)
     recompute_old_logprobs: bool = False
+    # MoE routing replay: none | r2 (the old-logprob pass records every token's experts per MoE layer; the
+    # reference and every training pass replay them; on-policy there is no old pass, so nothing to replay)
+    routing_replay: str = "none"
     dynamic_sampling: bool = False  # drop zero-variance groups, refill
     dynamic_sampling_max_batches: int = 4
     overlong_filtering: bool = False  # mask completions truncated at max_new_tokens

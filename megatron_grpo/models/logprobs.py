@@ -40,6 +40,7 @@ it has no entropy. ``"auto"`` picks it only when TE imports and no entropy is as
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -387,6 +388,7 @@ def compute_logprobs(
     attention_mask=None,
     backend="chunked",
     max_tokens=None,
+    routing=None,
 ):
     """Forward-only logprobs of a batch through a TP x PP Megatron GPT model, returned on EVERY rank.
 
@@ -404,7 +406,8 @@ def compute_logprobs(
     before the next one), then broadcasts ``[B, T]`` fp32 from the last stage across the PP group.
     Returns ``logprobs`` or ``(logprobs, entropy)``. ``max_tokens``: token-budget micro-batches
     instead (``training/token_budget.py``: rows grouped under this many padded tokens, each
-    micro-batch cut to its longest row; causal attention only).
+    micro-batch cut to its longest row; causal attention only). ``routing``: a
+    ``models.routing_replay.RoutingPass`` that records or replays each row's MoE routing (R2).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -424,7 +427,7 @@ def compute_logprobs(
         res = compute_logprobs(
             chunks, pad_sequence(input_ids, mult, 0), pad_sequence(torch.ones(b, t) if mask is None else mask, mult, 0),
             micro_batch_size=micro_batch_size, temperature=temperature, vocab_size=vocab_size,
-            with_entropy=with_entropy, chunk_size=chunk_size, attention_mask=am, backend=backend)
+            with_entropy=with_entropy, chunk_size=chunk_size, attention_mask=am, backend=backend, routing=routing)
         return tuple(r[:, :t] for r in res) if with_entropy else res[:, :t]
     mbs = int(micro_batch_size or b)
     n_mb = -(-b // mbs)
@@ -442,7 +445,7 @@ def compute_logprobs(
         sl = slice(i * mbs, (i + 1) * mbs)
         batches.append({
             "input_ids": ids[sl], "mask": msk[sl],
-            "attention_mask": am[sl] if am is not None and am.shape[0] != 1 else am,
+            "attention_mask": am[sl] if am is not None and am.shape[0] != 1 else am, "rows": range(sl.start, sl.stop),
         })
     groups = None
     if max_tokens and attention_mask is None:
@@ -450,13 +453,17 @@ def compute_logprobs(
 
         batches, groups = budget_logprob_batches(ids[:b], msk[:b], max_tokens, chunks[0])
         n_mb, mbs = len(batches), max(x["input_ids"].shape[0] for x in batches)
+        for x, g in zip(batches, groups):
+            x["rows"] = g
     lp_kwargs = dict(temperature=temperature, vocab_size=vocab_size, with_entropy=with_entropy,
                      chunk_size=chunk_size, backend=backend)
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(input_ids=mb["input_ids"], position_ids=mb.get("position_ids", positions),
-                    attention_mask=mb["attention_mask"])
+        with (routing.micro_batch(list(mb["rows"]), *mb["input_ids"].shape) if routing is not None
+              else contextlib.nullcontext()):
+            out = model(input_ids=mb["input_ids"], position_ids=mb.get("position_ids", positions),
+                        attention_mask=mb["attention_mask"])
 
         def collect(logits, non_loss_data=True):
             res = token_logprobs(logits, mb["input_ids"], mb["mask"], **lp_kwargs)
@@ -481,6 +488,8 @@ def compute_logprobs(
     finally:
         for c, mode in zip(chunks, was_training):
             c.train(mode)
+        if routing is not None:
+            routing.release()
 
     k = 2 if with_entropy else 1
     if ps.is_pipeline_last_stage():

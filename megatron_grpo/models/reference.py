@@ -102,14 +102,20 @@ class ReferencePolicy:
                     torch.cuda.current_stream().synchronize()  # CPU buffers reusable, weights back
 
     # -------------------------------------------------------------- logprobs
-    def logprobs(self, input_ids, mask=None, **kwargs):
+    def logprobs(self, input_ids, mask=None, routing_record=None, **kwargs):
         """Reference logprobs ``[B, T]`` on every rank (None in mode ``"none"``).
 
         Same arguments and alignment as :func:`megatron_grpo.models.logprobs.compute_logprobs`
-        (``micro_batch_size``, ``temperature``, ``vocab_size``, ...).
+        (``micro_batch_size``, ``temperature``, ``vocab_size``, ...). ``routing_record``: a
+        ``routing_replay.RoutingRecord`` of the old pass, replayed (R2).
         """
         if self.mode == "none":
             return None
+        chunks = self.ref_chunks if self.mode == "copy" else self.policy_chunks
+        if routing_record is not None and routing_record.tensor is not None:
+            from .routing_replay import RoutingPass
+
+            kwargs["routing"] = RoutingPass(chunks, "replay", routing_record)
         if self.mode == "copy":
             return compute_logprobs(self.ref_chunks, input_ids, mask, **kwargs)
         with self.swapped_in():

@@ -76,7 +76,8 @@ def build_policy_stack(cfg: DictConfig, *, num_steps: int) -> PolicyStack:
     train_step = GRPOTrainStep(chunks, optimizer, scheduler, micro_batch_size=a.micro_batch_size,
                                temperature=cfg.rollout.temperature, vocab_size=info.vocab_size, loss=loss,
                                max_len=cfg.rollout.max_new_tokens,
-                               max_tokens_per_microbatch=a.max_tokens_per_microbatch)
+                               max_tokens_per_microbatch=a.max_tokens_per_microbatch,
+                               routing_replay=a.routing_replay)
     reference = build_reference(chunks, mode=a.reference if a.kl_coef > 0 else "none", kl_coef=a.kl_coef,
                                 model_factory=lambda: build_gpt_model(info, config, te=_te_flag(cfg)))
     return PolicyStack(chunks, info, optimizer, scheduler, train_step, reference)

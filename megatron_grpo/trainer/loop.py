@@ -198,7 +198,7 @@ def load_tokenizer(cfg):
 def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layout, tokenizer, logger,
               prefetch=None) -> dict:
     """One GRPO step on every rank; returns this step's metrics (identical on every rank)."""
-    from megatron_grpo.trainer.passes import dp_shard_rows, gather_rows, old_policy_logprobs
+    from megatron_grpo.trainer.passes import dp_shard_rows, gather_rows, old_policy_logprobs, routing_record
     from megatron_grpo.training.batch import GRPOBatch
 
     a, G = cfg.algorithm, cfg.rollout.num_generations
@@ -225,8 +225,10 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
     lp_kwargs = dict(micro_batch_size=a.micro_batch_size, temperature=cfg.rollout.temperature,
                      vocab_size=policy.info.vocab_size, max_tokens=a.max_tokens_per_microbatch)
     with timer("logprobs"):
-        old_lp = old_policy_logprobs(cfg, policy.chunks, ids, shard_mask, **lp_kwargs)  # None: on-policy
-        ref_lp = policy.reference.logprobs(ids, shard_mask, **lp_kwargs)
+        record = routing_record(cfg, policy.info, ids)  # MoE: each row's experts in the old pass (R2)
+        old_lp = old_policy_logprobs(cfg, policy.chunks, ids, shard_mask, routing_record=record, **lp_kwargs)
+        replay = record if a.routing_replay == "r2" else None
+        ref_lp = policy.reference.logprobs(ids, shard_mask, routing_record=replay, **lp_kwargs)
     if step == 1 and cfg.trainer.logprob_check_at_start and old_lp is not None:
         check_rollout_parity(cfg, old_lp, tensors.rollout_logprobs[rows], shard_mask, log=_log)
 
@@ -239,7 +241,8 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
 
     # 4. policy updates: update_epochs passes x mini_batches optimizer steps over this rank's share
     batch = GRPOBatch(input_ids=ids, completion_mask=shard_mask, advantages=advantages[rows], old_logprobs=old_lp,
-                      ref_logprobs=ref_lp, rollout_logprobs=tensors.rollout_logprobs[rows])
+                      ref_logprobs=ref_lp, rollout_logprobs=tensors.rollout_logprobs[rows],
+                      routing=None if record is None else record.tensor)
     with timer("train"):
         updates = [policy.train_step(mb) for _ in range(a.update_epochs) for mb in _split(batch, a.mini_batches)]
     if step == 1 and cfg.trainer.logprob_check_at_start and old_lp is None:  # the training forward's, pre-update

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["on_policy", "old_policy_logprobs", "dp_shard_rows", "gather_rows"]
+__all__ = ["on_policy", "old_policy_logprobs", "routing_record", "dp_shard_rows", "gather_rows"]
 
 
 def on_policy(cfg) -> bool:
@@ -26,13 +26,33 @@ def on_policy(cfg) -> bool:
     return a.update_epochs == 1 and a.mini_batches == 1 and not (a.kl_in_reward and a.kl_coef > 0)
 
 
-def old_policy_logprobs(cfg, chunks, ids, mask, **lp_kwargs):
-    """The old-policy logprobs ``[B, T]``, or None when on-policy (the training forward gives them)."""
+def old_policy_logprobs(cfg, chunks, ids, mask, routing_record=None, **lp_kwargs):
+    """The old-policy logprobs ``[B, T]``, or None when on-policy (the training forward gives them).
+    ``routing_record`` (MoE): filled with every row's experts per MoE layer of this stage (R2)."""
     from megatron_grpo.models.logprobs import compute_logprobs
 
     if on_policy(cfg):
         return None
+    if routing_record is not None:
+        from megatron_grpo.models.routing_replay import RoutingPass
+
+        lp_kwargs["routing"] = RoutingPass(chunks, "record", routing_record)
     return compute_logprobs(chunks, ids, mask, **lp_kwargs)
+
+
+def routing_record(cfg, info, ids):
+    """An empty per-row routing record for an MoE policy with an old-logprob pass, else None.
+
+    Recorded whenever there is an old pass (the training step compares its routing with it:
+    ``train/moe/routing_changed_frac``); replayed by the reference and training passes only with
+    ``algorithm.routing_replay=r2``. On-policy (one update pass) there is no old pass: the training
+    forward IS the first pass at these weights, its routing is the old routing, and R2 has nothing to
+    replay; R2 matters with ``update_epochs > 1`` or ``mini_batches > 1`` (or ``recompute_old_logprobs``)."""
+    from megatron_grpo.models.routing_replay import RoutingRecord
+
+    if not info.num_experts or on_policy(cfg):
+        return None
+    return RoutingRecord(int(ids.shape[0]), int(ids.shape[1]))
 
 
 def dp_shard_rows(n: int, layout, mask=None, max_tokens=None):

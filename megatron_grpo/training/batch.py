@@ -26,6 +26,7 @@ class GRPOBatch:
     old_logprobs: torch.Tensor | None = None  # [B, T]; None = on-policy (ratio 1)
     ref_logprobs: torch.Tensor | None = None  # [B, T]; needed when kl_coef > 0
     rollout_logprobs: torch.Tensor | None = None  # [B, T]; for truncated IS / mismatch metrics
+    routing: torch.Tensor | None = None  # [B, T, L, k] MoE experts of the old pass (models/routing_replay.py)
 
     def __post_init__(self):
         if self.input_ids.dim() != 2:

@@ -27,6 +27,7 @@ does not advance, and ``skipped_steps`` counts it. All ranks agree (one MAX all-
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -40,11 +41,13 @@ from megatron_grpo.algorithms import (
     pack_metrics,
     unpack_metrics,
 )
+from megatron_grpo.models import routing_replay as RR
 from megatron_grpo.models.logprobs import token_logprobs
 from megatron_grpo.models.norms import sequence_multiple
 
 from .batch import GRPOBatch
 from .micro_batching import assemble_rows, padding_fraction, split_micro_batches, variable_shapes
+from .token_budget import row_lengths
 from .optimizer import finalize_model_grads_summed
 
 __all__ = ["GRPOTrainStep"]
@@ -66,13 +69,16 @@ class GRPOTrainStep:
     ``loss``: keyword arguments for ``algorithms.grpo_loss`` (agg_mode, eps_low, eps_high,
     dual_clip, kl_coef, kl_kind, kl_clamp, is_level, is_cap, entropy_coef, policy_loss_kind). ``max_len``: the run's
     max completion length, needed by ``agg_mode="seq-mean-token-sum-norm"``. ``log_entropy``:
-    compute the policy entropy as a metric even when ``entropy_coef == 0`` (cheap).
+    compute the policy entropy as a metric even when ``entropy_coef == 0`` (cheap). ``routing_replay``
+    (MoE): ``"r2"`` forces ``batch.routing`` (the old pass's experts, ``models/routing_replay.py``) in
+    every micro-batch; with either mode ``moe/routing_changed_frac`` compares the used routing with it.
     """
 
     def __init__(self, model_chunks, optimizer, scheduler=None, *, micro_batch_size: int,
                  temperature: float = 1.0, vocab_size: int | None = None, loss: dict | None = None,
                  max_len: int | None = None, log_entropy: bool = True, chunk_size: int | None = None,
-                 logprob_backend: str = "chunked", max_tokens_per_microbatch: int | None = None):
+                 logprob_backend: str = "chunked", max_tokens_per_microbatch: int | None = None,
+                 routing_replay: str = "none"):
         from megatron.core.utils import get_model_config
 
         self.model_chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -98,6 +104,15 @@ class GRPOTrainStep:
                               backend=logprob_backend, inplace_backward=True)
         self.with_entropy = bool(log_entropy or self.loss_kwargs.get("entropy_coef", 0.0))
         self.steps = 0  # calls
+        # MoE: batch.routing (the old pass's experts) is replayed with "r2" and compared with (metrics) always
+        if routing_replay not in RR.ROUTING_REPLAY_MODES:
+            raise ValueError(f"routing_replay={routing_replay!r}; expected one of {RR.ROUTING_REPLAY_MODES}")
+        self.routing_replay = routing_replay
+        self._moe = bool(getattr(self.config, "num_moe_experts", None))
+        self._routers = RR.routers(self.model_chunks) if self._moe else []
+        self._replays = RR.enable(self.model_chunks) if self._moe and routing_replay == "r2" else []
+        self._sp = bool(getattr(self.config, "sequence_parallel", False))
+        self._routing_counts = [0, 0]
         self.skipped_steps = 0  # calls whose update was skipped
 
     # ------------------------------------------------------------------ helpers
@@ -118,7 +133,8 @@ class GRPOTrainStep:
             b, t = mb.input_ids.shape
             if (b, t) not in positions_cache:
                 positions_cache[(b, t)] = torch.arange(t, device=mb.input_ids.device)[None].expand(b, t)
-            out = model(input_ids=mb.input_ids, position_ids=positions_cache[(b, t)], attention_mask=None)
+            with self._routing(mb):
+                out = model(input_ids=mb.input_ids, position_ids=positions_cache[(b, t)], attention_mask=None)
 
             def loss_func(logits):
                 res = token_logprobs(logits, mb.input_ids, mb.completion_mask, with_entropy=self.with_entropy,
@@ -138,6 +154,37 @@ class GRPOTrainStep:
             return out, loss_func
 
         return forward_step
+
+    @contextlib.contextmanager
+    def _routing(self, mb):
+        """R2: force the recorded experts; either way count the (token, layer) expert sets that differ."""
+        if mb.routing is None or not self._routers:
+            yield
+            return
+        from megatron.core import parallel_state as ps
+
+        with RR.observing(self._routers) as maps, \
+                RR.replaying(self._replays, mb.routing if self.routing_replay == "r2" else None,
+                             sequence_parallel=self._sp):
+            yield
+        if self._sp or ps.get_tensor_model_parallel_rank() == 0:  # TP peers route the same tokens
+            ch, tot = RR.changed_choices(maps, mb.routing, row_lengths(mb.completion_mask), sequence_parallel=self._sp)
+            self._routing_counts[0] += ch
+            self._routing_counts[1] += tot
+
+    def _moe_metrics(self, batch, n_mb: int, device) -> dict:
+        """moe/routing_changed_frac (vs the old pass's record) and megatron's aux/z-loss trackers."""
+        RR.release(self._replays)
+        if not self._moe:
+            return {}
+        out = RR.aux_loss_metrics(n_mb, device)
+        if batch.routing is not None:
+            t = torch.tensor(self._routing_counts, dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            if t[1] > 0:
+                out["moe/routing_changed_frac"] = float(t[0] / t[1])
+        self._routing_counts = [0, 0]
+        return out
 
     def _reduce_metrics(self, per_mb: list) -> dict:
         """Combine over micro-batches, reduce over DP, broadcast from the last PP stage."""
@@ -210,7 +257,7 @@ class GRPOTrainStep:
         self._zero_grads()
         for chunk in self.model_chunks:
             chunk.train()
-        captured = []
+        captured, self._routing_counts = [], [0, 0]
         with variable_shapes(self.config, groups is not None):
             per_mb = get_forward_backward_func()(
                 forward_step_func=self._forward_step(normalizer, captured), data_iterator=iter(micro_batches),
@@ -221,6 +268,7 @@ class GRPOTrainStep:
         metrics = self._reduce_metrics(per_mb)
         metrics.update({"num_microbatches": float(len(micro_batches)), "normalizer": float(normalizer),
                         "padding_frac": padding_fraction(tokens, device)})
+        metrics.update(self._moe_metrics(batch, len(micro_batches), device))
         return metrics
 
     def __call__(self, batch: GRPOBatch) -> dict:

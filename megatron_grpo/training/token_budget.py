@@ -98,7 +98,7 @@ def split_batch(batch, max_tokens: int, *, multiple_of: int = 1):
         sel = batch.select(torch.tensor(g, dtype=torch.long))
         out.append(dataclasses.replace(sel, **{
             f.name: getattr(sel, f.name)[:, :t] for f in dataclasses.fields(sel)
-            if getattr(sel, f.name) is not None and getattr(sel, f.name).dim() == 2}))
+            if getattr(sel, f.name) is not None and getattr(sel, f.name).dim() >= 2}))  # [B, T, ...]
     real = sum(lengths)
     padded = sum(x.batch_size * x.seq_length for x in out)
     return out, groups, (real, padded)

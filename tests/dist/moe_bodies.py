@@ -51,7 +51,7 @@ def _reinit(tp: int, ep: int, pp: int):
     return current_layout()
 
 
-def _build(model_dir, *, load=True, info=None):
+def _build(model_dir, *, load=True, info=None, sequence_parallel=False):
     from megatron.core import parallel_state as ps
 
     from megatron_grpo.models.loader import load_hf_weights
@@ -59,7 +59,8 @@ def _build(model_dir, *, load=True, info=None):
 
     info = info or load_model_info(model_dir)
     config = transformer_config(info, tp=ps.get_tensor_model_parallel_world_size(),
-                                pp=ps.get_pipeline_model_parallel_world_size(), perform_initialization=False)
+                                pp=ps.get_pipeline_model_parallel_world_size(), perform_initialization=False,
+                                sequence_parallel=sequence_parallel)
     model = build_gpt_model(info, config)
     if load:
         with torch.no_grad():
