@@ -117,6 +117,8 @@ def test_grads_ep2_equal_single_process_autograd(run2):
       "model.tiny.num_key_value_heads=8", "model.tiny.head_dim=32"],
      "parallel.tp=8 does not divide the model's moe_intermediate_size 100"),
     (["model.tiny.arch=qwen3", "parallel.ep=2"], "parallel.ep=2 but the model (qwen3) has no experts"),
+    (["parallel.ep=2", "algorithm.max_tokens_per_microbatch=512"],
+     "algorithm.max_tokens_per_microbatch=512 with parallel.ep=2: token-budget micro-batches differ in number"),
 ])
 def test_expert_parallel_config_errors_are_one_line(tmp_path, overrides, expected):
     """Every EP divisibility rule is refused by `validate` (no process group, no model) in one line."""

@@ -175,6 +175,12 @@ def _check_experts(cfg: DictConfig, shape: dict) -> None:
         raise ConfigError(f"parallel.ep={ep} but the model ({shape['arch']}) has no experts; use parallel.ep=1")
     if experts and experts % ep:
         raise ConfigError(f"parallel.ep={ep} does not divide the model's {experts} experts")
+    if ep > 1 and cfg.algorithm.get("max_tokens_per_microbatch"):
+        # each DP rank plans its own token-budget micro-batches; the expert all-to-all needs the same
+        # number of them on every rank of the EP group, or the ranks wait on each other forever
+        raise ConfigError(f"algorithm.max_tokens_per_microbatch={cfg.algorithm.max_tokens_per_microbatch} with "
+                          f"parallel.ep={ep}: token-budget micro-batches differ in number across the expert-parallel "
+                          "ranks; use algorithm.micro_batch_size (max_tokens_per_microbatch=null) with EP")
     if experts and shape.get("moe_ffn", 0) % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide the model's moe_intermediate_size {shape['moe_ffn']} "
                           "(expert tensor parallelism equals parallel.tp)")
