@@ -96,8 +96,8 @@ def _warn(msg: str) -> None:
 def resolve_resume(root: Path, resume: str, *, run_id: str | None = None,
                    skipped: list | None = None) -> Path | None:
     """`auto`: the newest checkpoint under root that verifies (None if there is none), saying which
-    newer ones it skipped and why (also appended to ``skipped`` as (path, reason)); `none`; or a path,
-    which must verify (a one-line CheckpointError otherwise)."""
+    newer ones it skipped and why (also appended to ``skipped`` as (path, reason)); `none`; or a path
+    or step number (``12``, ``step_00000012``: under root), which must verify (one-line CheckpointError)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -110,6 +110,12 @@ def resolve_resume(root: Path, resume: str, *, run_id: str | None = None,
                 skipped.append((path, problem))
         return None
     path = Path(resume)
+    step = re.fullmatch(r"(?:step_)?(\d+)", resume)
+    if step and not path.is_dir():  # a step number (or step folder name) of this output folder's run
+        path = root / step_dir_name(int(step.group(1)))
+        if not path.is_dir():
+            have = ", ".join(str(s) for s, _ in list_complete(root)) or "none"
+            raise CheckpointError(f"checkpoint.resume={resume}: no checkpoint {path} (complete steps: {have})")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.resume: {path} is not a directory")
     problem = verify_checkpoint(path)
