@@ -268,7 +268,13 @@ class PreemptionFlag:
     def children_immune():
         """Processes started inside (spawn/forkserver helpers) keep SIGTERM/SIGUSR1 blocked for life:
         Slurm signals every process of a job step, and a helper killed by it breaks the final save.
-        Signals that arrive meanwhile stay pending for this process and are handled when the block ends."""
+        Signals that arrive meanwhile stay pending for this process and are handled when the block ends.
+
+        multiprocessing's resource tracker is started first, outside the block: starting it *unblocks*
+        SIGINT/SIGTERM (``resource_tracker.ensure_running`` ends with SIG_UNBLOCK, not a restore), so
+        a first start inside the block left every later helper -- dist_checkpointing's results-queue
+        manager, the reward pool's forkserver -- killable by a group SIGTERM ("Broken pipe" after a save)."""
+        _start_resource_tracker()
         sigs = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         try:
@@ -279,3 +285,13 @@ class PreemptionFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _start_resource_tracker() -> None:
+    """Start (or check) multiprocessing's resource tracker now; it ignores SIGINT/SIGTERM itself."""
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    except (ImportError, OSError, AttributeError):  # no tracker on this platform: nothing unblocks either
+        pass
