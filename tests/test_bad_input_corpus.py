@@ -178,6 +178,8 @@ def cases(root, model, data, m, d, runs):
         ("another run's checkpoint into a used folder",
          [f"trainer.output_dir={runs['used']}", f"checkpoint.resume={runs['other'] / 'checkpoints' / 'step_00000001'}"],
          "would mix two runs"),
+        ("resume a step the run never saved", [f"trainer.output_dir={runs['used']}", "checkpoint.resume=7"],
+         "checkpoint.resume=7: no checkpoint"),
     ], used_ckpt
 
 

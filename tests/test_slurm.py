@@ -237,3 +237,48 @@ def test_disaggregated_node_split_real_trainer_and_rollout_server(cluster, asset
     # training ended, then the server left cleanly (told by the trainer) and the job succeeded
     assert "[megatron-grpo rollout 0] shutdown by the trainer: exiting" in log, log
     assert "rollout step exit 0" in log and "done: exit status 0" in log, log
+
+
+def test_scancel_sigterm_to_the_steps_checkpoints_and_exits_cleanly(cluster, asset_overrides, tmp_path):
+    """`scancel --signal=TERM JOB`: every process of the job's steps -- both ranks and every helper they
+    started (reward workers, dist_checkpointing's results-queue manager) -- gets SIGTERM at once, while
+    checkpoints are written every step. The ranks agree, finish the step, write a checkpoint that
+    verifies (both ranks' RNG states) and exit 0; the job ends 0, without a traceback or a broken pipe.
+    (`--full`, which adds the batch shell, made Slurm 22.05 cancel the job here: KillWait, then SIGKILL.)"""
+    from megatron_grpo.trainer.checkpoint import verify_checkpoint
+
+    max_steps = 40
+    env = _job_env(cluster, tmp_path, OVERRIDES=f"{asset_overrides} {TRAINER_OVERRIDES} trainer.max_steps={max_steps} "
+                                                "checkpoint.save_steps=1")
+    run = tmp_path / "run"
+    p = subprocess.Popen(["sbatch", "--wait", "--parsable", "--nodes=2", "--gpus-per-node=1", "--time=30",
+                          f"--output={tmp_path}/%x-%j.out", "slurm/grpo_8node.sh"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = ""
+    try:
+        job = p.stdout.readline().strip()
+        assert job.isdigit(), f"no job id: {job!r} {p.stderr.read() if p.poll() is not None else ''}"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not any(s >= 2 for s in _steps(run)):
+            assert p.poll() is None, f"job ended before it was signalled:\n{_log(tmp_path)}"
+            assert time.monotonic() < deadline, f"step 2 not reached:\n{_log(tmp_path)}"
+            time.sleep(0.2)
+        seen = max(_steps(run))
+        sig = cluster.run("scancel", "--signal=TERM", job, check=False)
+        assert sig.returncode == 0, sig.stderr
+        out, err = p.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            if job:
+                cluster.run("scancel", job, check=False)
+    log = _log(tmp_path)
+    assert p.returncode == 0, f"{out}{err}\n{log}\n{cluster.log_tail()}"
+    saved = [int(k) for k in re.findall(r"preemption signal 15: checkpoint of step (\d+) saved; exiting", log)]
+    assert len(saved) == 1 and seen <= saved[0] < max_steps, (seen, saved, log)
+    k = saved[0]
+    assert verify_checkpoint(run / "checkpoints" / f"step_{k:08d}") is None
+    assert _rng_files(run, k) == ["rank_00000.pt", "rank_00001.pt"]
+    assert _steps(run) == list(range(1, k + 1)), (_steps(run), log)
+    assert "Traceback" not in log and "Broken pipe" not in log and not re.search(r"^\d+: error:", log, re.M), log
+    assert "done: exit status 0" in log and "requeueing" not in log, log

@@ -187,7 +187,7 @@ class TrainerConfig:
 class CheckpointConfig:
     save_steps: int = 0  # 0: only at the end and on preemption signals
     keep_last: int = 2
-    resume: str = "auto"  # auto | none | a checkpoint directory
+    resume: str = "auto"  # auto | none | a checkpoint directory | a step of this run (older: later work set aside)
 
 
 @dataclass

@@ -96,8 +96,8 @@ def _warn(msg: str) -> None:
 def resolve_resume(root: Path, resume: str, *, run_id: str | None = None,
                    skipped: list | None = None) -> Path | None:
     """`auto`: the newest checkpoint under root that verifies (None if there is none), saying which
-    newer ones it skipped and why (also appended to ``skipped`` as (path, reason)); `none`; or a path,
-    which must verify (a one-line CheckpointError otherwise)."""
+    newer ones it skipped and why (also appended to ``skipped`` as (path, reason)); `none`; or a path
+    or step number (``12``, ``step_00000012``: under root), which must verify (one-line CheckpointError)."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -110,6 +110,12 @@ def resolve_resume(root: Path, resume: str, *, run_id: str | None = None,
                 skipped.append((path, problem))
         return None
     path = Path(resume)
+    step = re.fullmatch(r"(?:step_)?(\d+)", resume)
+    if step and not path.is_dir():  # a step number (or step folder name) of this output folder's run
+        path = root / step_dir_name(int(step.group(1)))
+        if not path.is_dir():
+            have = ", ".join(str(s) for s, _ in list_complete(root)) or "none"
+            raise CheckpointError(f"checkpoint.resume={resume}: no checkpoint {path} (complete steps: {have})")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.resume: {path} is not a directory")
     problem = verify_checkpoint(path)
@@ -262,7 +268,13 @@ class PreemptionFlag:
     def children_immune():
         """Processes started inside (spawn/forkserver helpers) keep SIGTERM/SIGUSR1 blocked for life:
         Slurm signals every process of a job step, and a helper killed by it breaks the final save.
-        Signals that arrive meanwhile stay pending for this process and are handled when the block ends."""
+        Signals that arrive meanwhile stay pending for this process and are handled when the block ends.
+
+        multiprocessing's resource tracker is started first, outside the block: starting it *unblocks*
+        SIGINT/SIGTERM (``resource_tracker.ensure_running`` ends with SIG_UNBLOCK, not a restore), so
+        a first start inside the block left every later helper -- dist_checkpointing's results-queue
+        manager, the reward pool's forkserver -- killable by a group SIGTERM ("Broken pipe" after a save)."""
+        _start_resource_tracker()
         sigs = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
         old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         try:
@@ -273,3 +285,13 @@ class PreemptionFlag:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _start_resource_tracker() -> None:
+    """Start (or check) multiprocessing's resource tracker now; it ignores SIGINT/SIGTERM itself."""
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    except (ImportError, OSError, AttributeError):  # no tracker on this platform: nothing unblocks either
+        pass

@@ -296,10 +296,12 @@ def sample_informative_batch(cfg, *, step, data, sampler, engine, scorer, G, fir
         if sum(b.num_prompts for b in kept) >= wanted or tries >= cfg.algorithm.dynamic_sampling_max_batches:
             break
     stats = {"dynamic_sampling/batches": tries, "dynamic_sampling/dropped_groups": dropped}
+    from megatron_grpo.trainer.scoring import with_all_rounds  # failures of dropped groups count too
+
     if not any(len(b) for b in kept):  # nothing informative: the last batch as is (all advantages 0)
-        return rollout, result, stats
+        return rollout, with_all_rounds(result, [r for r, _ in results]), stats
     merged, merged_result = merge_informative(kept, results, G, wanted)
-    return merged, merged_result, stats
+    return merged, with_all_rounds(merged_result, [r for r, _ in results]), stats
 
 
 def merge_informative(kept, results, G, wanted):

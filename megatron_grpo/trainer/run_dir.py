@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_grpo.trainer.checkpoint import (CheckpointError, marker_meta, resolve_resume,
+from megatron_grpo.trainer.checkpoint import (CheckpointError, list_complete, marker_meta, resolve_resume,
                                               _STEP_DIR)
 
 RUN_FILE = "run.json"
@@ -33,6 +33,7 @@ class RunPlan:
     resume_dir: Path | None
     clear: bool  # trainer.overwrite: remove the previous run's outputs before the first write
     new_run: bool
+    aside_after: int | None = None  # explicit resume of an older step: set the later work aside (trainer/branch.py)
 
 
 def read_run_id(out_dir: Path) -> str | None:
@@ -78,7 +79,7 @@ def plan_run(cfg, *, skipped: list | None = None) -> RunPlan:
         if same or previous is None or overwrite:
             run_id = (folder_run or ckpt_run or uuid.uuid4().hex[:12]) if same else uuid.uuid4().hex[:12]
             return RunPlan(out_dir, run_id, resume_dir, clear=overwrite and not same and previous is not None,
-                           new_run=not same)
+                           new_run=not same, aside_after=_branch_point(root, resume_dir) if same and resume != "auto" else None)
         raise CheckpointError(_refusal(out_dir, previous, f"resuming {resume_dir} (another run) into it would "
                                                          "mix two runs"))
     if previous is not None and not overwrite:
@@ -91,6 +92,14 @@ def plan_run(cfg, *, skipped: list | None = None) -> RunPlan:
             why = f"checkpoint.resume={resume} would start a new run over it"
         raise CheckpointError(_refusal(out_dir, previous, why))
     return RunPlan(out_dir, uuid.uuid4().hex[:12], None, clear=previous is not None, new_run=True)
+
+
+def _branch_point(root: Path, resume_dir: Path) -> int | None:
+    """The resumed step if this run has a complete checkpoint after it (an older one resumed), else None."""
+    from megatron_grpo.trainer.branch import step_of
+
+    step = marker_meta(resume_dir).get("step", step_of(resume_dir))
+    return step if isinstance(step, int) and any(s > step for s, _ in list_complete(root)) else None
 
 
 def _refusal(out_dir: Path, previous: str, why: str) -> str:
@@ -108,6 +117,10 @@ def start_run(plan: RunPlan) -> None:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
+    if plan.aside_after is not None:
+        from megatron_grpo.trainer.branch import set_aside
+
+        set_aside(plan.out_dir, plan.aside_after, log=lambda m: print(f"[megatron-grpo] {m}", flush=True))
     path = plan.out_dir / RUN_FILE
     if read_run_id(plan.out_dir) != plan.run_id:
         tmp = path.with_suffix(".json.tmp")

@@ -47,7 +47,32 @@ def report_reward_failures(result: RewardBatchResult, *, step: int, logger, log)
     log and the samples file -- a raising reward plugin otherwise shows up only as a count."""
     failures = getattr(result, "failures", None) or {}
     for key, f in sorted(failures.items()):
+        where = f"sample {f['sample']}" + (f" of batch {f['batch']}" if "batch" in f else "")  # dynamic sampling
         log(f"reward '{key}' step {step}: {f['errors']} error(s), {f['timeouts']} timeout(s); first "
-            f"{f['kind']} at sample {f['sample']}: {f['message'].splitlines()[0] if f['message'] else ''}")
+            f"{f['kind']} at {where}: {f['message'].splitlines()[0] if f['message'] else ''}")
     if failures and logger is not None:
         logger.log_samples(step, [{"reward_failure": key, **f} for key, f in sorted(failures.items())])
+
+
+# per-batch counts that add up over dynamic sampling's rounds (the rest describe the kept batch)
+_ROUND_SUMS = ("/errors", "/timeouts", "reward/workers_replaced", "reward/compute_seconds")
+
+
+def with_all_rounds(result: RewardBatchResult, rounds: list[RewardBatchResult]) -> RewardBatchResult:
+    """The step's result with the reward failures of every generate+score round (dynamic sampling),
+    not only of the groups it kept: counts summed, each reward's first failure (its ``batch`` is
+    the 1-based round, ``sample`` the index in that round's batch). Groups a failing reward made
+    zero-variance are exactly the ones dropped, so their errors must not vanish with them."""
+    import dataclasses
+
+    metrics = dict(result.metrics)
+    for key in {k for r in rounds for k in r.metrics if k.endswith(_ROUND_SUMS)}:
+        metrics[key] = float(sum(r.metrics.get(key, 0.0) for r in rounds))
+    failures: dict[str, dict] = {}
+    for batch, r in enumerate(rounds, start=1):
+        for key, f in (getattr(r, "failures", None) or {}).items():
+            if key not in failures:
+                failures[key] = {**f, "batch": batch, "errors": 0, "timeouts": 0}
+            failures[key]["errors"] += f["errors"]
+            failures[key]["timeouts"] += f["timeouts"]
+    return dataclasses.replace(result, metrics=metrics, failures=failures)
