@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"
 
 
-def train_cmd(*overrides: str, nproc: int = 1) -> list[str]:
-    cmd = [sys.executable, "-m", "megatron_grpo.cli", "train", "--config", str(CONFIG)]
+def train_cmd(*overrides: str, nproc: int = 1, config: Path = CONFIG) -> list[str]:
+    cmd = [sys.executable, "-m", "megatron_grpo.cli", "train", "--config", str(config)]
     if nproc > 1:
         cmd.append(f"--nproc-per-node={nproc}")
     return cmd + list(overrides)
@@ -22,8 +22,8 @@ def env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def run_train(*overrides: str, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(*overrides, nproc=nproc), capture_output=True, text=True, cwd=REPO,
+def run_train(*overrides: str, nproc: int = 1, timeout: float = 600, config: Path = CONFIG) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(*overrides, nproc=nproc, config=config), capture_output=True, text=True, cwd=REPO,
                           env=env(), timeout=timeout)
 
 
@@ -122,12 +122,12 @@ def alive(pids) -> list[int]:
     return out
 
 
-def prepare_tiny_assets(root: Path) -> list[str]:
+def prepare_tiny_assets(root: Path, config: Path = CONFIG) -> list[str]:
     """Synthetic data + the warm-started tiny model under ``root``, made through the trainer's own
     asset step; returns the ``model.path`` / ``data.path`` overrides that point a run at them."""
     from megatron_grpo.config import load_config
     from megatron_grpo.trainer.assets import prepare_assets
 
     overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}"]
-    prepare_assets(load_config(CONFIG, [*overrides, f"trainer.output_dir={root / 'unused'}"]))
+    prepare_assets(load_config(config, [*overrides, f"trainer.output_dir={root / 'unused'}"]))
     return overrides

@@ -192,3 +192,21 @@ def test_bridge_parity_ep2(bridge_run):
         assert r["synced"] <= TOL, r
         assert r["rollout_logprob_err"] <= TOL, r
         assert r["doctor_ok"] and r["doctor_max"] <= TOL, r
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_validate_reads_experts_from_a_saved_model(tmp_path, arch):
+    """A model folder on disk (not just model.tiny) gives validation its expert count: transformers 5 saves
+    Qwen3-MoE's as ``num_local_experts``, Qwen2-MoE's as ``num_experts`` (a second run of the MoE config
+    used to be refused with "has no experts")."""
+    from megatron_grpo.config import ConfigError, load_config, validate
+    from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", TinyModelSpec(arch=arch, num_layers=1))
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"problem": "1+1", "solution": "\\\\boxed{2}"}\n')
+    args = [f"model.path={model}", "model.init=hf", f"data.path={data}", f"trainer.output_dir={tmp_path / 'out'}",
+            "parallel.world_size=2"]
+    assert validate(load_config(None, args + ["parallel.ep=2"]))["model"]["experts"] == 4
+    with pytest.raises(ConfigError, match="parallel.ep=3 does not divide the model's 4 experts"):
+        validate(load_config(None, args + ["parallel.ep=3", "parallel.world_size=3"]))

@@ -65,7 +65,8 @@ def model_shape(cfg: DictConfig) -> dict:
             "kv_heads": int(hf.get("num_key_value_heads") or heads),
             "vocab": int(hf["vocab_size"]),
             "layers": int(hf["num_hidden_layers"]),
-            "experts": int(hf.get("num_experts") or 0),
+            # transformers 5 saves Qwen3-MoE's count as num_local_experts (attribute_map); hub files say num_experts
+            "experts": int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
             "moe_ffn": int(hf.get("moe_intermediate_size") or 0),
         }
     if cfg.model.init == "tiny":
