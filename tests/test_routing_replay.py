@@ -8,7 +8,7 @@ after real optimizer steps:
 * with R2 none does, at 1, 2, 8 rows and token-budget micro-batches, and the training forward's
   logprobs equal a forward with the recorded routing forced; the free routing gives other logprobs;
 * the reference pass replays the record (its weights are the old pass's: it gives the old logprobs);
-* megatron's aux loss is logged.
+* megatron's aux loss and the expert load (models/moe_load.py, equal to the record's) are logged.
 """
 import pytest
 
@@ -71,6 +71,12 @@ def test_reference_replays_and_aux_loss_is_logged(runs, key):
     for r in runs[key]:
         assert r["ref_vs_old"] <= 1e-6, r
         assert r["aux_metrics"].get("moe/load_balancing_loss", 0.0) > 0.0, r
+        load = {k: v for k, v in r["aux_metrics"].items() if k.startswith("moe/load_") and k != "moe/load_balancing_loss"}
+        assert set(load) == {"moe/load_max_share", "moe/load_min_share", "moe/load_entropy"}, r
+        assert 0.0 <= load["moe/load_min_share"] <= 0.25 <= load["moe/load_max_share"] <= 1.0, r  # 4 experts
+        if "load_from_record" in r:  # the expert load of the routing used equals the record's
+            for k, v in r["load_from_record"].items():
+                assert abs(load[k] - v) <= 1e-9, (k, load[k], v)
 
 
 @pytest.mark.parametrize("overrides,expected", [

@@ -43,6 +43,7 @@ from megatron_grpo.algorithms import (
 )
 from megatron_grpo.models import routing_replay as RR
 from megatron_grpo.models.logprobs import token_logprobs
+from megatron_grpo.models.moe_load import expert_load_counts, reduced_load_metrics
 from megatron_grpo.models.norms import sequence_multiple
 
 from .batch import GRPOBatch
@@ -112,7 +113,7 @@ class GRPOTrainStep:
         self._routers = RR.routers(self.model_chunks) if self._moe else []
         self._replays = RR.enable(self.model_chunks) if self._moe and routing_replay == "r2" else []
         self._sp = bool(getattr(self.config, "sequence_parallel", False))
-        self._routing_counts = [0, 0]
+        self._routing_counts, self._load_counts = [0, 0], None
         self.skipped_steps = 0  # calls whose update was skipped
 
     # ------------------------------------------------------------------ helpers
@@ -158,7 +159,7 @@ class GRPOTrainStep:
     @contextlib.contextmanager
     def _routing(self, mb):
         """R2: force the recorded experts; either way count the (token, layer) expert sets that differ."""
-        if mb.routing is None or not self._routers:
+        if not self._routers:
             yield
             return
         from megatron.core import parallel_state as ps
@@ -167,17 +168,25 @@ class GRPOTrainStep:
                 RR.replaying(self._replays, mb.routing if self.routing_replay == "r2" else None,
                              sequence_parallel=self._sp):
             yield
+        lengths = row_lengths(mb.completion_mask)
+        if all(m is not None for m in maps):  # expert load of the routing used (models/moe_load.py)
+            tp = ps.get_tensor_model_parallel_world_size()
+            lo = ps.get_tensor_model_parallel_rank() * (mb.input_ids.shape[1] // tp) if self._sp else 0
+            self._load_counts += expert_load_counts(maps, mb.input_ids.shape[0], lengths, lo=lo)
+        if mb.routing is None:
+            return
         if self._sp or ps.get_tensor_model_parallel_rank() == 0:  # TP peers route the same tokens
-            ch, tot = RR.changed_choices(maps, mb.routing, row_lengths(mb.completion_mask), sequence_parallel=self._sp)
+            ch, tot = RR.changed_choices(maps, mb.routing, lengths, sequence_parallel=self._sp)
             self._routing_counts[0] += ch
             self._routing_counts[1] += tot
 
     def _moe_metrics(self, batch, n_mb: int, device) -> dict:
-        """moe/routing_changed_frac (vs the old pass's record) and megatron's aux/z-loss trackers."""
+        """moe/routing_changed_frac (vs the old pass's record), moe/load_* and megatron's aux/z-loss trackers."""
         RR.release(self._replays)
         if not self._moe:
             return {}
         out = RR.aux_loss_metrics(n_mb, device)
+        out.update(reduced_load_metrics(self._load_counts, device, sequence_parallel=self._sp))
         if batch.routing is not None:
             t = torch.tensor(self._routing_counts, dtype=torch.float64, device=device)
             dist.all_reduce(t)
@@ -258,6 +267,8 @@ class GRPOTrainStep:
         for chunk in self.model_chunks:
             chunk.train()
         captured, self._routing_counts = [], [0, 0]
+        self._load_counts = torch.zeros(len(self._routers), getattr(self.config, "num_moe_experts", None) or 0,
+                                        dtype=torch.float64)
         with variable_shapes(self.config, groups is not None):
             per_mb = get_forward_backward_func()(
                 forward_step_func=self._forward_step(normalizer, captured), data_iterator=iter(micro_batches),

@@ -86,6 +86,19 @@ def routing_replay(model_dir: str, ep: int = 2, lr: float = 0.05, updates: int =
     first = step_none(batch)
     r["changed_first_update"] = first["moe/routing_changed_frac"]
     r["aux_metrics"] = {k: v for k, v in first.items() if k.startswith("moe/")}
+    if pp == 1:  # the first update routed as recorded: its expert load, independently from the record
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from megatron_grpo.models.moe_load import load_stats
+
+        onehot = torch.zeros(*record.tensor.shape[:3], info.num_experts, dtype=torch.float64)
+        onehot.scatter_(-1, record.tensor.long(), 1.0)
+        counts = (onehot * valid[:, :, None, None]).sum(dim=(0, 1))  # [L, E]
+        dist.all_reduce(counts, group=ps.get_data_parallel_group())
+        mx, mn, ent = load_stats(counts)
+        r["load_from_record"] = {"moe/load_max_share": mx, "moe/load_min_share": mn,
+                                 "moe/load_entropy": ent / counts.shape[0]}
     for _ in range(updates - 1):
         step_none(batch)
 
