@@ -80,7 +80,9 @@ def test_reference_replays_and_aux_loss_is_logged(runs, key):
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    (["algorithm.routing_replay=r3"], "algorithm.routing_replay"),
+    (["algorithm.routing_replay=r4"], "algorithm.routing_replay"),
+    (["algorithm.routing_replay=r3", "rollout.placement=disaggregated"],
+     "algorithm.routing_replay=r3 needs rollout.placement=colocated"),
     (["algorithm.routing_replay=r2", "model.recompute=full", "parallel.pp=2", "parallel.world_size=2"],
      "algorithm.routing_replay=r2 with model.recompute=full needs parallel.pp=1"),
 ])

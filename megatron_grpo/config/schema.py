@@ -98,6 +98,8 @@ class AlgorithmConfig:
     recompute_old_logprobs: bool = False
     # MoE routing replay: none | r2 (the old-logprob pass records every token's experts per MoE layer; the
     # reference and every training pass replay them; on-policy there is no old pass, so nothing to replay)
+    # | r3 (the colocated vLLM engine records every token's experts, rollout/routed_capture.py, prefix caching
+    # off; the old, reference and training passes replay them, on-policy too)
     routing_replay: str = "none"
     dynamic_sampling: bool = False  # drop zero-variance groups, refill
     dynamic_sampling_max_batches: int = 4

@@ -27,7 +27,7 @@ CHOICES = {
     "algorithm.reference": ("copy", "swap", "none"),
     "algorithm.importance_sampling": (None, "token", "sequence"),
     "algorithm.policy_loss": ("ppo_clip", "gspo", "cispo"),
-    "algorithm.routing_replay": ("none", "r2"),
+    "algorithm.routing_replay": ("none", "r2", "r3"),
     "data.on_bad_row": ("error", "skip"),
     "optimizer.scheduler": ("constant", "linear", "cosine"),
     "logging.wandb_mode": ("online", "offline"),
@@ -217,8 +217,11 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if a.max_tokens_per_microbatch is not None and a.max_tokens_per_microbatch <= 0:
         raise ConfigError(f"algorithm.max_tokens_per_microbatch={a.max_tokens_per_microbatch} must be > 0 "
                           "(or null for fixed micro_batch_size micro-batches)")
-    if a.routing_replay == "r2" and cfg.model.recompute == "full" and cfg.parallel.pp > 1:
-        raise ConfigError("algorithm.routing_replay=r2 with model.recompute=full needs parallel.pp=1 (the "
+    if a.routing_replay == "r3" and r.placement != "colocated":
+        raise ConfigError("algorithm.routing_replay=r3 needs rollout.placement=colocated (the engine's routed "
+                          f"experts are captured in-process), got {r.placement!r}")
+    if a.routing_replay in ("r2", "r3") and cfg.model.recompute == "full" and cfg.parallel.pp > 1:
+        raise ConfigError(f"algorithm.routing_replay={a.routing_replay} with model.recompute=full needs parallel.pp=1 (the "
                           "recomputed router would replay another micro-batch's experts under 1F1B)")
     if a.kl_coef > 0 and a.reference == "none":
         raise ConfigError(f"algorithm.reference=none needs algorithm.kl_coef=0 (got {a.kl_coef}); "

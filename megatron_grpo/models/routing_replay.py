@@ -33,9 +33,9 @@ import torch.distributed as dist
 
 __all__ = ["ROUTING_REPLAY_MODES", "routers", "observing", "enable", "RoutingRecord", "recording", "replaying",
            "changed_choices", "aux_loss_metrics", "release",
-           "RoutingPass"]
+           "RoutingPass", "from_rollout", "own_choices"]
 
-ROUTING_REPLAY_MODES = ("none", "r2")
+ROUTING_REPLAY_MODES = ("none", "r2", "r3")
 
 
 def _unwrap(m):
@@ -202,11 +202,16 @@ def changed_choices(maps, target: torch.Tensor, lengths, *, sequence_parallel: b
         lo = ps.get_tensor_model_parallel_rank() * n
         target = target[:, lo:lo + n]
     used = torch.stack([m.reshape(-1, b, m.shape[-1]).transpose(0, 1) for m in maps], dim=2)  # [b, s, L, E]
-    rec = torch.zeros_like(used).scatter_(-1, target.to(device=used.device, dtype=torch.long), True)
+    target = target.to(device=used.device, dtype=torch.long)
+    rec = torch.zeros_like(used).scatter_(-1, target, True)
     pos = lo + torch.arange(used.shape[1], device=used.device)
-    valid = pos[None, :] < torch.as_tensor(lengths, device=used.device)[:, None]
-    diff = (used != rec).any(-1) & valid[..., None]
-    return int(diff.sum()), int(valid.sum()) * len(maps)
+    valid = (pos[None, :] < torch.as_tensor(lengths, device=used.device)[:, None])[..., None]
+    if target.shape[-1] > 1:  # positions without a record (duplicate experts: e.g. R3's last token) do not count
+        valid = valid & (target != target[..., :1]).any(-1)
+    else:
+        valid = valid.expand(*used.shape[:3])
+    diff = (used != rec).any(-1) & valid
+    return int(diff.sum()), int(valid.sum())
 
 
 def aux_loss_metrics(num_microbatches: int, device) -> dict:
@@ -254,3 +259,44 @@ class RoutingPass:
 
     def release(self) -> None:
         release(self.replays)
+
+
+def from_rollout(chunks, experts, seq_length: int) -> RoutingRecord:
+    """R3: the record of the rollout engine's experts (``RolloutBatch.routed_experts`` of these rows,
+    ``[len, HF layers, k]``) for this rank's MoE layers (``router.layer_number``: global, 1-based).
+    Positions the engine never routed (the last sampled token, padding) stay unrecorded."""
+    layers = [int(r.layer_number) - 1 for r in routers(chunks)]
+    k = int(routers(chunks)[0].topk) if layers else 1
+    t = torch.zeros(len(experts), seq_length, len(layers), k, dtype=torch.int16)
+    for i, e in enumerate(experts):
+        n = min(int(e.shape[0]), seq_length)
+        t[i, :n] = e[:n][:, layers].to(torch.int16)
+    return RoutingRecord(len(experts), seq_length, t)
+
+
+@contextlib.contextmanager
+def own_choices(router_modules):
+    """During the block, each router's OWN top-k ``[tokens, k]`` (of its logits; replayed or not): the
+    choice of megatron's softmax/sigmoid top-k without expert bias or group limit (``models/moe.py``)."""
+    out = [None] * len(router_modules)
+    saved = []
+    for i, r in enumerate(router_modules):
+        orig = r.routing
+
+        def routing(logits, *a, _i=i, _orig=orig, _k=int(r.topk), **kw):
+            out[_i] = logits.detach().reshape(-1, logits.shape[-1]).topk(_k, dim=-1).indices  # [s * b, k]
+            return _orig(logits, *a, **kw)
+
+        r.routing = routing
+        saved.append(r)
+    try:
+        yield out
+    finally:
+        for r in saved:
+            del r.routing  # the class method again
+
+
+def choice_maps(choices, num_experts: int) -> list:
+    """``[tokens, k]`` expert indices -> ``[tokens, E]`` bool maps (the form :func:`changed_choices` reads)."""
+    return [None if c is None else torch.zeros(c.shape[0], num_experts, dtype=torch.bool, device=c.device)
+            .scatter_(-1, c, True) for c in choices]

@@ -35,6 +35,7 @@ class EngineConfig:
     enable_sleep_mode: bool = True
     sleep_level: int = 1
     enable_prefix_caching: bool = True
+    capture_routed_experts: bool = False  # R3 (MoE): every token's experts per layer (routed_capture.py)
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     tokenizer: str | None = None
@@ -60,7 +61,8 @@ def engine_kwargs(cfg: EngineConfig, *, platform: Platform, executor_backend: st
         max_model_len=cfg.max_model_len,
         seed=cfg.seed,
         logprobs_mode="processed_logprobs",
-        enable_prefix_caching=cfg.enable_prefix_caching,
+        # R3 needs every prompt token recomputed (a cached prefix is not routed again)
+        enable_prefix_caching=cfg.enable_prefix_caching and not cfg.capture_routed_experts,
         worker_extension_cls=WORKER_EXTENSION,
     )
     if executor_backend is not None:

@@ -95,6 +95,9 @@ class VLLMRunner:
     def generate(self, prompts: Sequence[Prompt], indices: Sequence[int], sampling: SamplingConfig,
                  seed: int, weight_version: int) -> RolloutBatch:
         params = [to_sampling_params(sampling, prompt_seed(seed, i, sampling.n)) for i in indices]
+        capture = self.cfg.capture_routed_experts and prompts
+        if capture:
+            self.rpc("mgrpo_routing_begin")
         outs = self.llm.generate([_as_prompt(p) for p in prompts], params, use_tqdm=False) if prompts else []
         batch = RolloutBatch(group_size=sampling.n, weight_version=weight_version)
         for idx, req in zip(indices, outs):
@@ -111,6 +114,11 @@ class VLLMRunner:
                 batch.completion_texts.append(c.text)
                 batch.rollout_logprobs.append([float(lp[t].logprob) for t, lp in zip(toks, c.logprobs)])
                 batch.finish_reasons.append(c.finish_reason or "abort")
+        if capture:  # R3: [P + C - 1, layers, k] per completion (rollout/routed_capture.py)
+            from megatron_grpo.rollout.routed_capture import match_routed_experts
+
+            captured = self.rpc("mgrpo_routing_take")[0]
+            batch.routed_experts = match_routed_experts(captured, batch.prompt_token_ids, batch.completion_token_ids)
         batch.validate()
         return batch
 

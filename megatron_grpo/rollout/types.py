@@ -72,11 +72,14 @@ class RolloutBatch:
     rollout_logprobs: list[list[float]] = field(default_factory=list)
     finish_reasons: list[str] = field(default_factory=list)
     weight_version: int = 0
+    # R3 (MoE, optional: empty unless the engine captures): [P + C - 1, layers, k] int16 experts vLLM chose
+    routed_experts: list = field(default_factory=list)
 
     _PER_COMPLETION = (
         "prompt_indices", "prompt_token_ids", "completion_token_ids", "completion_texts",
-        "rollout_logprobs", "finish_reasons",
+        "rollout_logprobs", "finish_reasons", "routed_experts",
     )
+    _OPTIONAL = ("routed_experts",)
 
     def __post_init__(self):
         self.validate()
@@ -91,6 +94,8 @@ class RolloutBatch:
     def validate(self) -> None:
         n = len(self.completion_token_ids)
         for name in self._PER_COMPLETION:
+            if name in self._OPTIONAL and not getattr(self, name):
+                continue
             if len(getattr(self, name)) != n:
                 raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} entries, expected {n}")
         if self.group_size < 1 or n % self.group_size:

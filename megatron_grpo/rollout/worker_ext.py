@@ -226,3 +226,14 @@ class MegatronGRPOWorkerExtension:
 
     def mgrpo_pid(self) -> int:
         return os.getpid()
+
+    # -- R3: the experts vLLM's fused-MoE chose for every token (rollout/routed_capture.py) -------
+    def mgrpo_routing_begin(self) -> None:
+        from megatron_grpo.rollout.routed_capture import RoutedCapture
+
+        if getattr(self, "_mgrpo_routing", None) is None:
+            self._mgrpo_routing = RoutedCapture(self.model_runner)
+        self._mgrpo_routing.begin()
+
+    def mgrpo_routing_take(self) -> list:
+        return self._mgrpo_routing.take()

@@ -96,7 +96,7 @@ def engine_config(cfg: DictConfig, *, max_model_len: int):
         seed=cfg.trainer.seed, enforce_eager=r.enforce_eager,
         kv_cache_memory_bytes=None if cuda else int(r.kv_cache_memory_mb) << 20,
         gpu_memory_utilization=r.gpu_memory_utilization, enable_sleep_mode=cuda and r.placement == "colocated",
-        sleep_level=r.sleep_level)
+        sleep_level=r.sleep_level, capture_routed_experts=cfg.algorithm.routing_replay == "r3")
 
 
 def build_engine(cfg: DictConfig, *, max_model_len: int):

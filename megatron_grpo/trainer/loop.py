@@ -225,9 +225,11 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
     lp_kwargs = dict(micro_batch_size=a.micro_batch_size, temperature=cfg.rollout.temperature,
                      vocab_size=policy.info.vocab_size, max_tokens=a.max_tokens_per_microbatch)
     with timer("logprobs"):
-        record = routing_record(cfg, policy.info, ids)  # MoE: each row's experts in the old pass (R2)
+        r3 = [rollout.routed_experts[i] for i in torch.arange(len(rollout))[rows].tolist()] \
+            if rollout.routed_experts else None  # R3: the rollout engine's experts of this shard
+        record = routing_record(cfg, policy.info, ids, r3, policy.chunks)  # MoE: each row's experts (R2 / R3)
         old_lp = old_policy_logprobs(cfg, policy.chunks, ids, shard_mask, routing_record=record, **lp_kwargs)
-        replay = record if a.routing_replay == "r2" else None
+        replay = record if a.routing_replay in ("r2", "r3") else None
         ref_lp = policy.reference.logprobs(ids, shard_mask, routing_record=replay, **lp_kwargs)
     if step == 1 and cfg.trainer.logprob_check_at_start and old_lp is not None:
         check_rollout_parity(cfg, old_lp, tensors.rollout_logprobs[rows], shard_mask, log=_log)

@@ -36,20 +36,27 @@ def old_policy_logprobs(cfg, chunks, ids, mask, routing_record=None, **lp_kwargs
     if routing_record is not None:
         from megatron_grpo.models.routing_replay import RoutingPass
 
-        lp_kwargs["routing"] = RoutingPass(chunks, "record", routing_record)
+        mode = "replay" if cfg.algorithm.get("routing_replay") == "r3" else "record"  # R3: the rollout's experts
+        lp_kwargs["routing"] = RoutingPass(chunks, mode, routing_record)
     return compute_logprobs(chunks, ids, mask, **lp_kwargs)
 
 
-def routing_record(cfg, info, ids):
-    """An empty per-row routing record for an MoE policy with an old-logprob pass, else None.
+def routing_record(cfg, info, ids, rollout_experts=None, chunks=None):
+    """An empty per-row routing record for an MoE policy with an old-logprob pass, else None; with
+    ``algorithm.routing_replay=r3`` the rollout engine's experts of these rows (``rollout_experts``:
+    ``RolloutBatch.routed_experts`` of this shard), replayed by every pass, on-policy too.
 
     Recorded whenever there is an old pass (the training step compares its routing with it:
     ``train/moe/routing_changed_frac``); replayed by the reference and training passes only with
     ``algorithm.routing_replay=r2``. On-policy (one update pass) there is no old pass: the training
     forward IS the first pass at these weights, its routing is the old routing, and R2 has nothing to
     replay; R2 matters with ``update_epochs > 1`` or ``mini_batches > 1`` (or ``recompute_old_logprobs``)."""
-    from megatron_grpo.models.routing_replay import RoutingRecord
+    from megatron_grpo.models.routing_replay import RoutingRecord, from_rollout
 
+    if info.num_experts and cfg.algorithm.get("routing_replay") == "r3":
+        if not rollout_experts:
+            raise RuntimeError("algorithm.routing_replay=r3: the rollout batch carries no routed experts")
+        return from_rollout(chunks, rollout_experts, int(ids.shape[1]))
     if not info.num_experts or on_policy(cfg):
         return None
     return RoutingRecord(int(ids.shape[0]), int(ids.shape[1]))

@@ -71,8 +71,9 @@ class GRPOTrainStep:
     dual_clip, kl_coef, kl_kind, kl_clamp, is_level, is_cap, entropy_coef, policy_loss_kind). ``max_len``: the run's
     max completion length, needed by ``agg_mode="seq-mean-token-sum-norm"``. ``log_entropy``:
     compute the policy entropy as a metric even when ``entropy_coef == 0`` (cheap). ``routing_replay``
-    (MoE): ``"r2"`` forces ``batch.routing`` (the old pass's experts, ``models/routing_replay.py``) in
-    every micro-batch; with either mode ``moe/routing_changed_frac`` compares the used routing with it.
+    (MoE): ``"r2"``/``"r3"`` force ``batch.routing`` (the old pass's / the rollout engine's experts,
+    ``models/routing_replay.py``) in every micro-batch; with any mode ``moe/routing_changed_frac`` compares
+    the used routing with it; ``"r3"`` adds ``moe/rollout_routing_diff_frac`` (the router's own choice vs it).
     """
 
     def __init__(self, model_chunks, optimizer, scheduler=None, *, micro_batch_size: int,
@@ -111,9 +112,9 @@ class GRPOTrainStep:
         self.routing_replay = routing_replay
         self._moe = bool(getattr(self.config, "num_moe_experts", None))
         self._routers = RR.routers(self.model_chunks) if self._moe else []
-        self._replays = RR.enable(self.model_chunks) if self._moe and routing_replay == "r2" else []
+        self._replays = RR.enable(self.model_chunks) if self._moe and routing_replay in ("r2", "r3") else []
         self._sp = bool(getattr(self.config, "sequence_parallel", False))
-        self._routing_counts, self._load_counts = [0, 0], None
+        self._routing_counts, self._load_counts = [0, 0, 0, 0], None
         self.skipped_steps = 0  # calls whose update was skipped
 
     # ------------------------------------------------------------------ helpers
@@ -164,8 +165,10 @@ class GRPOTrainStep:
             return
         from megatron.core import parallel_state as ps
 
+        r3 = self.routing_replay == "r3" and mb.routing is not None
         with RR.observing(self._routers) as maps, \
-                RR.replaying(self._replays, mb.routing if self.routing_replay == "r2" else None,
+                (RR.own_choices(self._routers) if r3 else contextlib.nullcontext()) as own, \
+                RR.replaying(self._replays, mb.routing if self.routing_replay in ("r2", "r3") else None,
                              sequence_parallel=self._sp):
             yield
         lengths = row_lengths(mb.completion_mask)
@@ -179,6 +182,11 @@ class GRPOTrainStep:
             ch, tot = RR.changed_choices(maps, mb.routing, lengths, sequence_parallel=self._sp)
             self._routing_counts[0] += ch
             self._routing_counts[1] += tot
+            if r3:  # the router's own choice (no replay) vs the rollout engine's
+                ch, tot = RR.changed_choices(RR.choice_maps(own, self.config.num_moe_experts), mb.routing, lengths,
+                                             sequence_parallel=self._sp)
+                self._routing_counts[2] += ch
+                self._routing_counts[3] += tot
 
     def _moe_metrics(self, batch, n_mb: int, device) -> dict:
         """moe/routing_changed_frac (vs the old pass's record), moe/load_* and megatron's aux/z-loss trackers."""
@@ -192,7 +200,9 @@ class GRPOTrainStep:
             dist.all_reduce(t)
             if t[1] > 0:
                 out["moe/routing_changed_frac"] = float(t[0] / t[1])
-        self._routing_counts = [0, 0]
+            if t[3] > 0:  # R3: share of (token, layer) expert sets the trainer's router would pick differently
+                out["moe/rollout_routing_diff_frac"] = float(t[2] / t[3])
+        self._routing_counts = [0, 0, 0, 0]
         return out
 
     def _reduce_metrics(self, per_mb: list) -> dict:
@@ -266,7 +276,7 @@ class GRPOTrainStep:
         self._zero_grads()
         for chunk in self.model_chunks:
             chunk.train()
-        captured, self._routing_counts = [], [0, 0]
+        captured, self._routing_counts = [], [0, 0, 0, 0]
         self._load_counts = torch.zeros(len(self._routers), getattr(self.config, "num_moe_experts", None) or 0,
                                         dtype=torch.float64)
         with variable_shapes(self.config, groups is not None):
