@@ -41,6 +41,15 @@ def test_counts_follow_token_order_and_skip_padding():
                 for e in chosen[layer][i][p]:
                     ref_sp[layer, e] += 1
     assert torch.equal(expert_load_counts(sp, b, lengths, lo=4), ref_sp)
+    # keep [b, s]: only these positions count (R3 leaves each row's last token unrecorded)
+    keep = torch.ones(b, s, dtype=torch.bool)
+    keep[0, 6] = keep[2, 1] = False
+    ref_keep = ref.clone()
+    for layer in range(L):
+        for i, p in ((0, 6), (2, 1)):
+            for e in chosen[layer][i][p]:
+                ref_keep[layer, e] -= 1
+    assert torch.equal(expert_load_counts(maps, b, lengths, keep=keep), ref_keep)
 
 
 def test_stats_balanced_collapsed_and_mixed():

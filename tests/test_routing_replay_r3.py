@@ -41,5 +41,8 @@ def test_rollout_experts_match_the_trainer_and_r3_replays_them(runs):
                 assert r3["changed_vs_batch_routing"] == 0.0, s  # R3 replays the rollout's experts
                 assert r3["rollout_diff"] is not None, s
             assert s["same_weights/r3"]["rollout_diff"] <= 0.02, s
+            if s["same_weights/r3"]["rollout_diff"] == 0.0:  # the same routing: the same expert load (the
+                for k in ("moe/load_max_share", "moe/load_min_share", "moe/load_entropy"):  # last token left out)
+                    assert abs(s["same_weights/r3"]["load"][k] - s["same_weights/none"]["load"][k]) <= 0.05, s
             drift += s["after_update/none"]["vs_rollout"]
         assert drift > 0.0, r  # the updates moved some tokens to other experts without replay

@@ -25,13 +25,16 @@ import torch.distributed as dist
 __all__ = ["expert_load_counts", "load_stats", "reduced_load_metrics"]
 
 
-def expert_load_counts(maps, b: int, lengths, *, lo: int = 0) -> torch.Tensor:
+def expert_load_counts(maps, b: int, lengths, *, lo: int = 0, keep: torch.Tensor | None = None) -> torch.Tensor:
     """``[L, E]`` float64 tokens per expert of one micro-batch: ``maps`` are the routers' ``[s * b, E]``
     routing maps (token order ``[s, b]``, megatron's), ``lengths[i]`` the tokens row ``i`` needs; ``lo``:
-    the position of this rank's first token (sequence parallelism)."""
+    the position of this rank's first token (sequence parallelism); ``keep`` ``[b, s]``: only these
+    positions (a replay leaves unrecorded ones, e.g. R3's last token, on placeholder experts)."""
     used = torch.stack([m.reshape(-1, b, m.shape[-1]) for m in maps])  # [L, s, b, E]
     pos = lo + torch.arange(used.shape[1], device=used.device)
     valid = pos[:, None] < torch.as_tensor(lengths, device=used.device)[None, :]  # [s, b]
+    if keep is not None:
+        valid = valid & keep.to(valid.device).transpose(0, 1)
     return (used.to(torch.float64) * valid[None, :, :, None]).sum(dim=(1, 2)).cpu()
 
 

@@ -159,7 +159,8 @@ class GRPOTrainStep:
 
     @contextlib.contextmanager
     def _routing(self, mb):
-        """R2: force the recorded experts; either way count the (token, layer) expert sets that differ."""
+        """R2/R3: force the recorded experts; either way count the (token, layer) expert sets that differ
+        and the expert load; R3 also compares the router's own choice with the rollout engine's."""
         if not self._routers:
             yield
             return
@@ -175,7 +176,11 @@ class GRPOTrainStep:
         if all(m is not None for m in maps):  # expert load of the routing used (models/moe_load.py)
             tp = ps.get_tensor_model_parallel_world_size()
             lo = ps.get_tensor_model_parallel_rank() * (mb.input_ids.shape[1] // tp) if self._sp else 0
-            self._load_counts += expert_load_counts(maps, mb.input_ids.shape[0], lengths, lo=lo)
+            keep = None
+            if r3 and mb.routing.shape[-1] > 1:  # R3 replays placeholders where vLLM routed nothing (last token)
+                keep = (mb.routing != mb.routing[..., :1]).any(-1).all(-1)  # [b, T]
+                keep = keep[:, lo:lo + maps[0].shape[0] // mb.input_ids.shape[0]]
+            self._load_counts += expert_load_counts(maps, mb.input_ids.shape[0], lengths, lo=lo, keep=keep)
         if mb.routing is None:
             return
         if self._sp or ps.get_tensor_model_parallel_rank() == 0:  # TP peers route the same tokens
