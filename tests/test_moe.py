@@ -119,9 +119,15 @@ def test_grads_ep2_equal_single_process_autograd(run2):
     (["model.tiny.arch=qwen3", "parallel.ep=2"], "parallel.ep=2 but the model (qwen3) has no experts"),
     (["parallel.ep=2", "algorithm.max_tokens_per_microbatch=512"],
      "algorithm.max_tokens_per_microbatch=512 with parallel.ep=2: token-budget micro-batches differ in number"),
+    (["algorithm.routing_replay=r4"], "algorithm.routing_replay"),
+    (["algorithm.routing_replay=r3", "rollout.placement=disaggregated"],
+     "algorithm.routing_replay=r3 needs rollout.placement=colocated"),
+    (["algorithm.routing_replay=r2", "model.recompute=full", "parallel.pp=2", "parallel.world_size=2"],
+     "algorithm.routing_replay=r2 with model.recompute=full needs parallel.pp=1"),
 ])
 def test_expert_parallel_config_errors_are_one_line(tmp_path, overrides, expected):
-    """Every EP divisibility rule is refused by `validate` (no process group, no model) in one line."""
+    """Every EP divisibility rule and every routing-replay rule is refused by `validate` (no process group,
+    no model) in one line."""
     from megatron_grpo.config import ConfigError, load_config, validate
 
     data = tmp_path / "data.jsonl"

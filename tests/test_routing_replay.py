@@ -77,22 +77,3 @@ def test_reference_replays_and_aux_loss_is_logged(runs, key):
         if "load_from_record" in r:  # the expert load of the routing used equals the record's
             for k, v in r["load_from_record"].items():
                 assert abs(load[k] - v) <= 1e-9, (k, load[k], v)
-
-
-@pytest.mark.parametrize("overrides,expected", [
-    (["algorithm.routing_replay=r4"], "algorithm.routing_replay"),
-    (["algorithm.routing_replay=r3", "rollout.placement=disaggregated"],
-     "algorithm.routing_replay=r3 needs rollout.placement=colocated"),
-    (["algorithm.routing_replay=r2", "model.recompute=full", "parallel.pp=2", "parallel.world_size=2"],
-     "algorithm.routing_replay=r2 with model.recompute=full needs parallel.pp=1"),
-])
-def test_routing_replay_config_errors_are_one_line(tmp_path, overrides, expected):
-    from megatron_grpo.config import ConfigError, load_config, validate
-
-    data = tmp_path / "data.jsonl"
-    data.write_text('{"problem": "1+1", "solution": "\\\\boxed{2}"}\n')
-    args = [f"model.path={tmp_path / 'model'}", "model.init=tiny", "model.tiny.arch=qwen3_moe",
-            f"data.path={data}", f"trainer.output_dir={tmp_path / 'out'}"]
-    with pytest.raises(ConfigError) as e:
-        validate(load_config(None, args + overrides))
-    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
