@@ -71,6 +71,32 @@ def kill_tree(root_pid: int) -> None:
 SHM = Path("/dev/shm")
 
 
+def kill9_at_step(cmd: list[str], run_dir: Path, kill_at: int) -> int:
+    """Start ``cmd`` (a training run writing to ``run_dir``) in a session of its own, kill -9 its whole tree
+    once step ``kill_at`` is logged, check that nothing of it survives, and return the step of the newest
+    complete checkpoint it left."""
+    import time
+
+    import pytest
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= kill_at for r in metrics(run_dir)):
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (exit {proc.returncode}) before step {kill_at}")
+        time.sleep(0.2)
+    kill_tree(proc.pid)
+    proc.wait()
+    time.sleep(1.0)  # let the kernel reap the workers before looking at what they left
+    assert not descendants(proc.pid)
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    assert saved, "no complete checkpoint before the kill"
+    return int(saved[-1].split("_")[1])
+
+
 def shm_inodes(pids=None) -> set[tuple[int, int]]:
     """(st_dev, st_ino) of the /dev/shm files that these processes (None: every process) map, by
     name or under a name already gone (glibc maps a semaphore under its temporary name)."""

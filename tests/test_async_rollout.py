@@ -4,12 +4,10 @@ kill -9, and the colocated schedule gives the disaggregated (overlapping) run's 
 (Bad settings: tests/test_bad_input_corpus.py.)"""
 import os
 import random
-import subprocess
-import time
 
 import pytest
 
-from tests.e2e import REPO, descendants, env, kill_tree, metrics, run_train, train_cmd
+from tests.e2e import kill9_at_step, metrics, run_train, train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("no_shm_leak")]
 
@@ -55,22 +53,7 @@ def test_async_kill9_resume_equals_uninterrupted_and_colocated_equals_disaggrega
 
     kill_at = random.Random(os.environ.get("PYTEST_SEED", "0")).choice([3, 4, 5])
     colocated = [*common, "rollout.placement=colocated", f"trainer.output_dir={run_dir}"]
-    proc = subprocess.Popen(train_cmd(*colocated), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= kill_at for r in metrics(run_dir)):
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (exit {proc.returncode}) before step {kill_at}")
-        time.sleep(0.2)
-    kill_tree(proc.pid)
-    proc.wait()
-    time.sleep(1.0)
-    assert not descendants(proc.pid)
-    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
-    assert saved, "no complete checkpoint before the kill"
-    resumed_from = int(saved[-1].split("_")[1])
+    resumed_from = kill9_at_step(train_cmd(*colocated), run_dir, kill_at)
     assert resumed_from < 6, "the run finished before it was killed"
 
     resumed = run_train(*colocated, "checkpoint.resume=auto")

@@ -7,12 +7,10 @@ steps must equal the uninterrupted run's bit for bit.
 """
 import os
 import random
-import subprocess
-import time
 
 import pytest
 
-from tests.e2e import REPO, descendants, env, kill_tree, metrics, prepare_tiny_assets, run_train, train_cmd
+from tests.e2e import REPO, kill9_at_step, metrics, prepare_tiny_assets, run_train, train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.usefixtures("no_shm_leak")]
 
@@ -60,22 +58,8 @@ def test_moe_ep2_r2_trains_and_resumes_after_kill9_bit_exact(moe_assets, tmp_pat
     reference = {r["step"]: r for r in rows}
 
     kill_at = random.Random(os.environ.get("PYTEST_SEED", "0")).choice([3, 4])
-    proc = subprocess.Popen(train_cmd(*common, f"trainer.output_dir={run_dir}", nproc=2, config=MOE_CONFIG), cwd=REPO,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= kill_at for r in metrics(run_dir)):
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (exit {proc.returncode}) before step {kill_at}")
-        time.sleep(0.1)
-    kill_tree(proc.pid)
-    proc.wait()
-    time.sleep(1.0)
-    assert not descendants(proc.pid)
-    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
-    assert saved, "no complete checkpoint before the kill"
-    resumed_from = int(saved[-1].split("_")[1])
+    resumed_from = kill9_at_step(train_cmd(*common, f"trainer.output_dir={run_dir}", nproc=2, config=MOE_CONFIG),
+                                 run_dir, kill_at)
     assert resumed_from < STEPS, "the run finished before it was killed"
 
     resumed = run_train(*common, f"trainer.output_dir={run_dir}", "checkpoint.resume=auto", nproc=2, config=MOE_CONFIG)

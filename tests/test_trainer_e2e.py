@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from megatron_grpo.testing.torchrun import free_port
-from tests.e2e import REPO, alive, descendants, env, kill_tree, metrics, run_train, train_cmd
+from tests.e2e import REPO, alive, descendants, env, kill9_at_step, kill_tree, metrics, run_train, train_cmd
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 pytestmark = [*pytestmark, pytest.mark.vllm]  # the 3.12 lane has no vLLM
@@ -80,25 +80,10 @@ def test_tp2_resume_after_kill9_is_bit_exact(assets, tmp_path):
     reference = {r["step"]: r for r in metrics(ref_dir)}
 
     kill_at = random.Random(os.environ.get("PYTEST_SEED", "0")).choice([3, 4, 5])
-    proc = subprocess.Popen(train_cmd(*common, f"trainer.output_dir={run_dir}", nproc=2), cwd=REPO, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= kill_at for r in metrics(run_dir)):
-            break
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (exit {proc.returncode}) before step {kill_at}")
-        time.sleep(0.2)
-    kill_tree(proc.pid)
-    proc.wait()
-    time.sleep(1.0)  # let the kernel reap the workers before looking at what they left
-    assert not descendants(proc.pid)
-    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
-    assert saved, "no complete checkpoint before the kill"
+    resumed_from = kill9_at_step(train_cmd(*common, f"trainer.output_dir={run_dir}", nproc=2), run_dir, kill_at)
 
     resumed = run_train(*common, f"trainer.output_dir={run_dir}", "checkpoint.resume=auto", nproc=2)
     _ok(resumed)
-    resumed_from = int(saved[-1].split("_")[1])
     assert resumed_from < 6, "the run finished before it was killed"
     assert f"at step {resumed_from}" in resumed.stdout, resumed.stdout[-2000:]
     rows = {r["step"]: r for r in metrics(run_dir)}
