@@ -4,10 +4,10 @@ Starting from the demo's warm-started model, run as many extra supervised steps 
 steps (``trainer.max_steps``, the warm start's batch size and learning rate, the same training
 problems), then evaluate on the same held-out prompts with the demo's own evaluation:
 
-* ``more warm start``: the demo's warm start continued (answers random digits, as in the warm start);
+* ``more warm start``: the demo's warm start continued (answers a random number of the prompt);
 * ``gold SFT``: the same number of steps with the correct answers (supervision GRPO never sees).
 
-    python bench/demo_control.py [key=value overrides of configs/grpo_tiny_cpu.yaml]
+    python bench/demo_control.py [key=value overrides of configs/grpo_demo_cpu.yaml]
 
 Prints held-out reward, accuracy and pass@1 for the starting model and both controls; the demo's own
 run prints the GRPO column. Numbers are recorded in README ("The demo").
@@ -36,14 +36,14 @@ def main(argv: list[str]) -> int:
     rows = _training_rows(cfg, load_prompt_dataset)
     steps = int(cfg.trainer.max_steps)
     results = {}
-    for name, noise in (("starting model", None), ("more warm start", cfg.model.warm_start_answer_noise),
-                        ("gold SFT", 0.0)):
+    for name, answer in (("starting model", None), ("more warm start", cfg.model.warm_start_answer),
+                         ("gold SFT", "gold")):
         model = Path(cfg.model.path)
         t0 = time.monotonic()
-        if noise is not None:
+        if answer is not None:
             model = out / name.replace(" ", "_")
             sft_warm_start(cfg.model.path, model, rows, steps=steps, lr=cfg.model.warm_start_lr,
-                           seed=cfg.trainer.seed + 1, system_prompt=cfg.data.system_prompt, answer_noise=noise)
+                           seed=cfg.trainer.seed + 1, system_prompt=cfg.data.system_prompt, answer=answer)
         js = out / f"{model.name}.json"
         _cli("eval", "--model", str(model), *held_out_eval_args(cfg), "--out", str(js), log=out / f"{model.name}.log")
         results[name] = json.loads(js.read_text())

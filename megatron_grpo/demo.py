@@ -1,11 +1,12 @@
 """`make demo`: the embedded default, end to end on CPU, and whether GRPO made the model right more often.
 
-1. Generate locally: a synthetic task ("Which is larger, 3 or 7?", data.synthetic_task=larger) and a
-   tiny Qwen2-style model + tokenizer, then an explicit supervised warm start
-   (model.warm_start_steps) whose answers are random digits (model.warm_start_answer_noise=1): it
-   teaches the <think>/<answer> format and the answer slot, not which answer is right.
+1. Generate locally (configs/grpo_demo_cpu.yaml): the synthetic task "Largest of 3 8 1 5 9?"
+   (data.synthetic_task=largest) and a tiny Qwen2-style model + tokenizer, then an explicit
+   supervised warm start (model.warm_start_steps) whose answers are a random number of the prompt
+   (model.warm_start_answer=prompt_number): it teaches the <think>/<answer> format and to answer with
+   one of the given numbers, not which one is right (so it is right about 1 time in 5).
 2. Evaluate that starting model on held-out prompts with vLLM (`megatron-grpo eval`).
-3. GRPO (`megatron-grpo train --config configs/grpo_tiny_cpu.yaml`): vLLM rollouts, math-verify and
+3. GRPO (`megatron-grpo train --config configs/grpo_demo_cpu.yaml`): vLLM rollouts, math-verify and
    format rewards, megatron-core policy, weight sync every step; exports an HF model at the end.
 4. Evaluate the exported model on the same held-out prompts; print the training curves (reward,
    accuracy) and the before/after table (reward, format, accuracy, pass@1, pass@k).
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_tiny_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_demo_cpu.yaml"
 
 
 def _cli(*args: str, log: Path) -> None:
