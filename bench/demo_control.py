@@ -7,7 +7,7 @@ problems), then evaluate on the same held-out prompts with the demo's own evalua
 * ``more warm start``: the demo's warm start continued (answers a random number of the prompt);
 * ``gold SFT``: the same number of steps with the correct answers (supervision GRPO never sees).
 
-    python bench/demo_control.py [key=value overrides of configs/grpo_demo_cpu.yaml]
+    python bench/demo_control.py [--only start,more,gold] [key=value overrides of configs/grpo_demo_cpu.yaml]
 
 Prints held-out reward, accuracy and pass@1 for the starting model and both controls; the demo's own
 run prints the GRPO column. Numbers are recorded in README ("The demo").
@@ -28,6 +28,9 @@ def main(argv: list[str]) -> int:
     from megatron_grpo.trainer.assets import _training_rows, prepare_assets
     from megatron_grpo.trainer.warm_start import sft_warm_start
 
+    only = {"start", "more", "gold"}
+    if argv[:1] == ["--only"]:
+        only, argv = set(argv[1].split(",")), argv[2:]
     cfg = load_config(CONFIG, argv)
     validate(cfg)
     prepare_assets(cfg)
@@ -36,8 +39,10 @@ def main(argv: list[str]) -> int:
     rows = _training_rows(cfg, load_prompt_dataset)
     steps = int(cfg.trainer.max_steps)
     results = {}
-    for name, answer in (("starting model", None), ("more warm start", cfg.model.warm_start_answer),
-                         ("gold SFT", "gold")):
+    for key, name, answer in (("start", "starting model", None), ("more", "more warm start", cfg.model.warm_start_answer),
+                              ("gold", "gold SFT", "gold")):
+        if key not in only:
+            continue
         model = Path(cfg.model.path)
         t0 = time.monotonic()
         if answer is not None:
