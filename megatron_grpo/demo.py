@@ -1,16 +1,19 @@
-"""`make demo`: the embedded default, end to end on CPU, and whether it learned.
+"""`make demo`: the embedded default, end to end on CPU, and whether GRPO made the model right more often.
 
-1. Generate locally: a synthetic arithmetic dataset and a tiny Qwen2-style model + tokenizer, then a
-   short explicit SFT warm start (14 steps) so the random model can earn some format reward at all
-   (configs/grpo_tiny_cpu.yaml: model.init=tiny, model.warm_start_steps).
+1. Generate locally (configs/grpo_demo_cpu.yaml): the synthetic task "Largest of 3 8 1 5 9?"
+   (data.synthetic_task=largest) and a tiny Qwen2-style model + tokenizer, then an explicit
+   supervised warm start (model.warm_start_steps) whose answers are a random number of the prompt
+   (model.warm_start_answer=prompt_number): it teaches the <think>/<answer> format and to answer with
+   one of the given numbers, not which one is right (so it is right about 1 time in 5).
 2. Evaluate that starting model on held-out prompts with vLLM (`megatron-grpo eval`).
-3. GRPO (`megatron-grpo train --config configs/grpo_tiny_cpu.yaml`): vLLM rollouts, math-verify and
+3. GRPO (`megatron-grpo train --config configs/grpo_demo_cpu.yaml`): vLLM rollouts, math-verify and
    format rewards, megatron-core policy, weight sync every step; exports an HF model at the end.
-4. Evaluate the exported model on the same held-out prompts; print the reward curve and verdict.
+4. Evaluate the exported model on the same held-out prompts; print the training curves (reward,
+   accuracy) and the before/after table (reward, format, accuracy, pass@1, pass@k).
 
 Usage: python -m megatron_grpo.demo [key=value overrides for the config]
-Exit status 0 when the run completed and learned (last-10-step mean reward >= 2x the first 10, and
-the exported model beats the starting one on held-out prompts), 1 otherwise.
+Exit status 0 when the run completed and learned (held-out pass@1 after GRPO >= 3x before and
+>= 0.30), 1 otherwise.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_tiny_cpu.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "grpo_demo_cpu.yaml"
 
 
 def _cli(*args: str, log: Path) -> None:
@@ -50,13 +53,32 @@ def _train_streaming(args: list[str], log: Path) -> None:
         raise SystemExit(f"demo: training failed (exit {rc}); full log: {log}")
 
 
-def reward_curve(rows: list[dict], width: int = 50) -> str:
-    lines = []
-    for r in rows:
-        v = r["reward/mean"]
-        bar = "#" * int(round(v / 2.0 * width))  # format + accuracy: total reward in [0, 2]
-        lines.append(f"  step {r['step']:3d}  {v:5.3f}  {bar}")
+PASS1_GAIN, PASS1_MIN = 3.0, 0.30  # the verdict: held-out pass@1 after GRPO >= 3x before and >= 0.30
+
+
+def curves(rows: list[dict], width: int = 40, points: int = 15) -> str:
+    """Training reward (format + accuracy, max 2) and accuracy, averaged over windows of steps."""
+    size = max(1, -(-len(rows) // points))
+    lines = [f"  {'steps':>9}  {'reward':>6}  {'acc':>5}  accuracy"]
+    for i in range(0, len(rows), size):
+        win = rows[i:i + size]
+        reward = sum(r["reward/mean"] for r in win) / len(win)
+        acc = sum(r.get("reward/accuracy/mean", 0.0) for r in win) / len(win)
+        lines.append(f"  {win[0]['step']:4d}-{win[-1]['step']:<4d}  {reward:6.3f}  {acc:5.3f}  {'#' * round(acc * width)}")
     return "\n".join(lines)
+
+
+def learned(initial: dict, final: dict) -> bool:
+    before, after = initial["eval/pass@1"], final["eval/pass@1"]
+    return after >= PASS1_MIN and after >= PASS1_GAIN * before
+
+
+def held_out_eval_args(cfg) -> list[str]:
+    """`megatron-grpo eval` arguments: the test split, sampled as in training (also bench/demo_control.py)."""
+    return ["--data", str(cfg.data.path), "--num-generations", str(cfg.trainer.eval_num_generations),
+            "--max-new-tokens", str(cfg.rollout.max_new_tokens), "--temperature", str(cfg.rollout.temperature),
+            "--rewards", ",".join(r.name for r in cfg.rewards.functions),
+            "--system-prompt", "none" if cfg.data.system_prompt is None else "default"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the demo always trains from its starting model
     run_dir.mkdir(parents=True)
-    n_eval = str(cfg.trainer.eval_num_generations)
-    eval_args = ["--data", str(cfg.data.path), "--num-generations", n_eval, "--max-new-tokens",
-                 str(cfg.rollout.max_new_tokens), "--temperature", str(cfg.rollout.temperature),
-                 "--rewards", ",".join(r.name for r in cfg.rewards.functions),
-                 "--system-prompt", "none" if cfg.data.system_prompt is None else "default"]
+    eval_args = held_out_eval_args(cfg)
     print("demo: 2/4 evaluating the starting model on held-out prompts (vLLM)", flush=True)
     _cli("eval", "--model", str(cfg.model.path), *eval_args, "--out", str(run_dir / "eval_initial.json"),
          log=run_dir / "eval_initial.log")
@@ -93,22 +111,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(run_dir: Path, *, elapsed: float) -> int:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    first = sum(r["reward/mean"] for r in rows[:10]) / len(rows[:10])
-    last = sum(r["reward/mean"] for r in rows[-10:]) / len(rows[-10:])
     initial = json.loads((run_dir / "eval_initial.json").read_text())
     final = json.loads((run_dir / "eval_final.json").read_text())
-    print("\nreward per step (total = format + accuracy, max 2):")
-    print(reward_curve(rows))
-    ratio = last / first if first > 0 else float("inf")
-    print(f"\nmean reward, first 10 steps {first:.3f} -> last 10 steps {last:.3f} ({ratio:.2f}x)")
-    print("held-out prompts        starting model   exported model")
-    for key in ("eval/reward_mean", "eval/reward/format", "eval/reward/accuracy", "eval/pass@1"):
+    print("\ntraining curves (reward = format + accuracy, max 2; acc = share of correct samples):")
+    print(curves(rows))
+    n = int(initial.get("eval/num_prompts", 0))
+    print(f"\nheld-out prompts ({n}, never trained on)   before GRPO   after GRPO")
+    for key in ("eval/reward_mean", "eval/reward/format", "eval/accuracy", "eval/pass@1", "eval/pass@2",
+                "eval/pass@4", "eval/pass@8"):
         if key in initial and key in final:
-            print(f"  {key:22s} {initial[key]:14.3f}   {final[key]:14.3f}")
-    learned = ratio >= 2.0 and final["eval/reward_mean"] > initial["eval/reward_mean"]
-    print(f"\ndemo: {'learned' if learned else 'did NOT learn enough'}; {elapsed / 60:.1f} min; "
+            print(f"  {key:37s} {initial[key]:11.3f}   {final[key]:10.3f}")
+    ok = learned(initial, final)
+    print(f"\ndemo: {'learned' if ok else 'did NOT learn enough'} (pass@1 {initial['eval/pass@1']:.3f} -> "
+          f"{final['eval/pass@1']:.3f}; needs >= {PASS1_GAIN:g}x and >= {PASS1_MIN:.2f}); {elapsed / 60:.1f} min; "
           f"exported model: {run_dir / 'export_hf'}; metrics: {run_dir / 'metrics.jsonl'}")
-    return 0 if learned else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -89,9 +89,10 @@ def _progress_steps(stdout: str) -> list[int]:
 
 
 def test_every_config_is_covered():
-    # grpo_tiny_moe_cpu.yaml (EP=2, two ranks) has its runs in tests/test_moe_trainer.py
-    assert RECIPES == ["grpo_qwen2.5_1.5b_numina.yaml", "grpo_qwen2.5_7b_8node.yaml", "grpo_tiny_cpu.yaml",
-                       "grpo_tiny_moe_cpu.yaml"], (
+    # grpo_tiny_moe_cpu.yaml (EP=2, two ranks) has its runs in tests/test_moe_trainer.py;
+    # grpo_demo_cpu.yaml (`make demo`) runs as shipped in tests/test_demo.py
+    assert RECIPES == ["grpo_demo_cpu.yaml", "grpo_qwen2.5_1.5b_numina.yaml", "grpo_qwen2.5_7b_8node.yaml",
+                       "grpo_tiny_cpu.yaml", "grpo_tiny_moe_cpu.yaml"], (
         "a new config in configs/: give it a run in this file")
     assert {_hub_ids(n)[0] for n in RECIPES if "qwen" in n} == set(HUB_MODELS)
 

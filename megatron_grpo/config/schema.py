@@ -23,6 +23,8 @@ class ModelConfig:
     # init=tiny only: supervised warm-start steps on the training data before GRPO (trainer/warm_start.py)
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3
+    # gold | prompt_number: each warm-start answer a random number of the prompt (format + copying, not the rule)
+    warm_start_answer: str = "gold"
     dtype: str = "float32"  # float32 | bfloat16
     trust_remote_code: bool = False
     recompute: str = "none"  # none | selective | full
@@ -115,7 +117,8 @@ class DataConfig:
     hub_revision: Optional[str] = None
     synthetic: bool = False  # create a synthetic arithmetic dataset at `path` if missing
     synthetic_train: int = 2000
-    synthetic_test: int = 100  # <= 150: the arithmetic task has 300 distinct problems
+    synthetic_test: int = 100  # <= half the task's distinct problems (arithmetic: 300 in all)
+    synthetic_task: str = "arithmetic"  # arithmetic (3 + 5) | largest ("Largest of 3 8 1 5 9?"; the demo's)
     train_split: str = "train"
     test_split: Optional[str] = "test"
     test_fraction: float = 0.0  # used when there is no test split

@@ -29,6 +29,8 @@ CHOICES = {
     "algorithm.policy_loss": ("ppo_clip", "gspo", "cispo"),
     "algorithm.routing_replay": ("none", "r2", "r3"),
     "data.on_bad_row": ("error", "skip"),
+    "data.synthetic_task": ("arithmetic", "largest"),
+    "model.warm_start_answer": ("gold", "prompt_number"),
     "optimizer.scheduler": ("constant", "linear", "cosine"),
     "logging.wandb_mode": ("online", "offline"),
 }

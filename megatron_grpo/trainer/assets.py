@@ -40,7 +40,8 @@ def ensure_synthetic_data(cfg: DictConfig) -> Path:
     with _locked(out):
         if not out.exists():  # never build over (or into) anything already there
             _build_atomically(out, lambda tmp: write_synthetic_dataset(
-                tmp, n_train=cfg.data.synthetic_train, n_test=cfg.data.synthetic_test, seed=cfg.data.seed))
+                tmp, n_train=cfg.data.synthetic_train, n_test=cfg.data.synthetic_test, seed=cfg.data.seed,
+                task=cfg.data.synthetic_task))
     return out
 
 
@@ -64,7 +65,7 @@ def ensure_tiny_model(cfg: DictConfig) -> Path:
         rows = _training_rows(cfg, load_prompt_dataset)
         _build_atomically(out, lambda tmp: sft_warm_start(
             base, tmp, rows, steps=cfg.model.warm_start_steps, lr=cfg.model.warm_start_lr,
-            seed=cfg.trainer.seed, system_prompt=cfg.data.system_prompt))
+            seed=cfg.trainer.seed, system_prompt=cfg.data.system_prompt, answer=cfg.model.warm_start_answer))
     return out
 
 

@@ -14,21 +14,29 @@ from pathlib import Path
 
 
 def worked_solution(problem: str, answer: str) -> str:
-    """The completion the SFT teaches, e.g. '<think>3 + 5 = 8</think><answer>\\boxed{8}</answer>'."""
-    expression = problem.removeprefix("What is ").removesuffix("?")
-    return f"<think>{expression} = {answer}</think><answer>\\boxed{{{answer}}}</answer>"
+    """The completion the SFT teaches, e.g. '<think>3 + 5 = 8</think><answer>\\boxed{8}</answer>'
+    ('<think>9</think><answer>\\boxed{9}</answer>' for 'Largest of ...?')."""
+    if problem.startswith("What is "):
+        expression = problem.removeprefix("What is ").removesuffix("?")
+        return f"<think>{expression} = {answer}</think><answer>\\boxed{{{answer}}}</answer>"
+    return f"<think>{answer}</think><answer>\\boxed{{{answer}}}</answer>"
 
 
 def sft_warm_start(model_dir: str | Path, out_dir: str | Path, rows: list[dict], *, steps: int, lr: float = 1e-3,
-                   batch_size: int = 32, seed: int = 0, system_prompt: str | None = None) -> Path:
+                   batch_size: int = 32, seed: int = 0, system_prompt: str | None = None,
+                   answer: str = "gold") -> Path:
     """Fine-tune the HF model in model_dir on rows ({problem, answer}) for `steps` steps; save to out_dir.
 
     Loss on completion tokens only (prompt masked), as SFT on chat data does. Deterministic for a seed.
+    ``answer="prompt_number"`` replaces each example's answer by one of the prompt's own numbers, drawn
+    afresh each time the example is used: the model learns the format and to answer with a number it
+    was given, not which one is right, so the correctness GRPO adds afterwards is GRPO's own.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_grpo.data.prompts import render_prompt
+    from megatron_grpo.data.synthetic import prompt_numbers
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -44,10 +52,21 @@ def sft_warm_start(model_dir: str | Path, out_dir: str | Path, rows: list[dict],
         c_ids = tok(worked_solution(row["problem"], row["answer"]) + eos, add_special_tokens=False)["input_ids"]
         return p_ids + c_ids, [-100] * len(p_ids) + c_ids
 
-    encoded = [encode(r) for r in rows]
+    cache: dict[tuple[str, str], tuple[list, list]] = {}
+
+    def draw(i):
+        if answer == "gold":
+            return encoded[i]
+        row = {**rows[i], "answer": rng.choice(prompt_numbers(rows[i]["problem"]))}
+        key = (row["problem"], row["answer"])
+        if key not in cache:  # rows repeat: tokenize each (problem, answer) once
+            cache[key] = encode(row)
+        return cache[key]
+
+    encoded = [encode(r) for r in rows] if answer == "gold" else []
     pad = tok.pad_token_id
     for _ in range(steps):
-        batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
+        batch = [draw(rng.randrange(len(rows))) for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((batch_size, width), pad)
         labels = torch.full((batch_size, width), -100)
