@@ -13,10 +13,11 @@ REPO = str(Path(__file__).resolve().parents[1])
 
 @pytest.fixture(scope="module")
 def llama_tied(tmp_path_factory):
+    """Tied embeddings, and 512 positions: below the doctor's default context cap of 1024."""
     from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
 
-    return str(make_tiny_model(tmp_path_factory.mktemp("doctor") / "llama_tied",
-                               TinyModelSpec(arch="llama", tie_word_embeddings=True)))
+    return str(make_tiny_model(tmp_path_factory.mktemp("doctor") / "llama_tied_pos512",
+                               TinyModelSpec(arch="llama", tie_word_embeddings=True, max_position_embeddings=512)))
 
 
 def _doctor(*args, timeout=300):
@@ -28,7 +29,9 @@ def _doctor(*args, timeout=300):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_doctor_passes_at_tp2_rollout_tp2_with_temperature(llama_tied):
+def test_doctor_passes_at_tp2_rollout_tp2_with_temperature_and_the_models_context_length(llama_tied):
+    """Also: a model with 512 positions passes without --max-model-len (the context is min(1024, 512);
+    vLLM refuses 1024 for it: test_doctor_reports_vllms_refusal_in_full_on_one_line)."""
     rc, out = _doctor("--model", llama_tied, "--tp", "2", "--rollout-tp", "2", "--temperature", "0.7")
     assert rc == 0, out[-4000:]
     assert "doctor: PASS" in out and "temperature 0.7" in out
@@ -43,22 +46,8 @@ def test_doctor_fails_when_the_sync_is_skipped(llama_tied):
     assert "doctor: FAIL" in out and "weight sync: SKIPPED" in out
 
 
-@pytest.fixture(scope="module")
-def short_context(tmp_path_factory):
-    from megatron_grpo.models.tiny import TinyModelSpec, make_tiny_model
-
-    return str(make_tiny_model(tmp_path_factory.mktemp("doctor") / "pos512", TinyModelSpec(max_position_embeddings=512)))
-
-
-def test_doctor_defaults_to_the_models_context_length(short_context):
-    """A model with 512 positions passes with default arguments (the context is min(1024, 512))."""
-    rc, out = _doctor("--model", short_context)
-    assert rc == 0, out[-4000:]
-    assert "doctor: PASS" in out
-
-
-def test_doctor_reports_vllms_refusal_in_full_on_one_line(short_context):
-    rc, out = _doctor("--model", short_context, "--max-model-len", "1024", "--no-hf")
+def test_doctor_reports_vllms_refusal_in_full_on_one_line(llama_tied):
+    rc, out = _doctor("--model", llama_tied, "--max-model-len", "1024", "--no-hf")
     assert rc == 2, out[-4000:]
     errors = [l for l in out.splitlines() if l.startswith("error:")]
     assert len(errors) == 1, out[-4000:]

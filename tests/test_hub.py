@@ -89,20 +89,24 @@ import json, time
 from megatron_grpo.config.loader import ConfigError
 from megatron_grpo.hub import resolve
 time.sleep(float(__import__("os").environ["DELAY"]))
-try:
-    r = resolve("data.path", __import__("os").environ["ID"], repo_type="dataset")
-    print(json.dumps({"path": r.path, "revision": r.revision}))
-except ConfigError as e:
-    print(json.dumps({"error": str(e)}))
+out = {}
+for repo_id in __import__("os").environ["IDS"].split(","):
+    try:
+        r = resolve("data.path", repo_id, repo_type="dataset")
+        out[repo_id] = {"path": r.path, "revision": r.revision}
+    except ConfigError as e:
+        out[repo_id] = {"error": str(e)}
+print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("repo_id", ["openai/gsm8k", "openai/gsm8k@v0"])
-def test_one_rank_per_node_resolves_the_others_wait(hub, tmp_path, repo_id):
-    """Local rank 1 starts first and waits for local rank 0's answer (a path or its error line). Rank 1
-    sees an empty cache of its own, so what it returns can only come from rank 0."""
+def test_one_rank_per_node_resolves_the_others_wait(hub, tmp_path):
+    """Local rank 1 starts first and waits for local rank 0's answer (a path or its error line), for a
+    cached id and for a revision the cache does not hold (one pair of processes resolves both in turn).
+    Rank 1 sees an empty cache of its own, so what it returns can only come from rank 0."""
     home, commits = hub
-    job = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + int(time.time()) % 20000), ID=repo_id)
+    ids = ["openai/gsm8k", "openai/gsm8k@v0"]
+    job = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(20000 + int(time.time()) % 20000), IDS=",".join(ids))
     empty = tmp_path / "empty_home"
     empty.mkdir()
     waiting = _py(HANDOFF, empty, LOCAL_RANK="1", DELAY="0", **job)
@@ -113,10 +117,10 @@ def test_one_rank_per_node_resolves_the_others_wait(hub, tmp_path, repo_id):
         assert proc.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert results[0] == results[1], results
-    if "@" in repo_id:
-        assert "'openai/gsm8k@v0'" in results[0]["error"] and str(home / "hub") in results[0]["error"]
-    else:
-        assert results[0]["revision"] == commits["openai/gsm8k"]
+    assert sorted(results[0]) == sorted(ids), results
+    found, missing = results[0]["openai/gsm8k"], results[0]["openai/gsm8k@v0"]
+    assert found["revision"] == commits["openai/gsm8k"], found
+    assert "'openai/gsm8k@v0'" in missing["error"] and str(home / "hub") in missing["error"], missing
 
 
 GSM8K_COMPLETIONS = [

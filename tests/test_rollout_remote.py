@@ -22,9 +22,12 @@ from tests.e2e import (CONFIG, REPO, SHM, alive, descendants, env, error_lines, 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 pytestmark = [*pytestmark, pytest.mark.vllm]  # the 3.12 lane has no vLLM
 
-STEPS = 3
+# Two steps: step 2 runs on weights the trainer pushed after step 1's update (weights v1 and v2, so the
+# filesystem transport also prunes one); 4 prompts x 4 completions: 2 prompts per replica and rank.
+STEPS = 2
 COMMON = ("trainer.eval_steps=0", "checkpoint.save_steps=0", "trainer.export_at_end=false",
-          "logging.tensorboard=false", f"trainer.max_steps={STEPS}")
+          "logging.tensorboard=false", f"trainer.max_steps={STEPS}", "algorithm.num_prompts_per_step=4",
+          "rollout.num_generations=4")
 KEYS = ("reward/mean", "train/loss", "completion/length_mean", "reward/std")
 
 

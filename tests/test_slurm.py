@@ -5,7 +5,8 @@ fails, never skips, when that is impossible). The batch scripts run unchanged.
 
 * The two core tests run the REAL trainer (the scripts' default `TRAIN_CMD`, `python -m megatron_grpo.cli
   train`) with the tiny CPU config on 2 nodes x 1 rank (TP=1 -> DP=2, gloo): a plain `sbatch --wait`
-  that checkpoints, and USR1 mid-run -> checkpoint -> requeue -> resume -> completion.
+  that checkpoints every step until `scancel --signal=TERM` (one job), and USR1 mid-run -> checkpoint
+  -> requeue -> resume -> completion.
   Where each rank ran comes from `GRPO_RANK_INFO=1` (slurm/launch_rank.sh prints one line per rank
   just before it `exec`s the trainer; srun `--label` prefixes it with the task id).
 * The disaggregated node split (slurm/grpo_disaggregated.sh) runs the real programs too: a vLLM rollout
@@ -124,30 +125,37 @@ def _complete(run: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "COMPLETE").is_file()) if root.is_dir() else []
 
 
-def test_sbatch_two_nodes_real_trainer_checkpoints(cluster, asset_overrides, tmp_path):
-    """Plain `sbatch --wait` of the unchanged script (command-line flags override the #SBATCH 8-node
-    defaults) running the real trainer: one rank per node, DP=2 across them, checkpoints written."""
-    env = _job_env(cluster, tmp_path, OVERRIDES=f"{asset_overrides} {TRAINER_OVERRIDES} trainer.max_steps=4")
-    del env["NODES"], env["GPUS_PER_NODE"]  # the script must take the shape from the allocation
+def _signal_after_step(cluster, cmd: list[str], cwd, env: dict, log_dir: Path, *scancel_args: str,
+                       step: int = 2) -> tuple[str, int, str]:
+    """Submit with `--wait --parsable`, wait until the run's metrics reach `step`, then `scancel
+    *scancel_args JOB` and wait for the job, which must end 0. Returns (job id, last step seen before
+    the signal, the job's log)."""
+    run = Path(env["OUTPUT_DIR"])
     t0 = time.monotonic()
-    r = subprocess.run(["sbatch", "--wait", "--nodes=2", "--gpus-per-node=1", "--time=30",
-                        f"--output={tmp_path}/%x-%j.out", "slurm/grpo_8node.sh"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    print(f"job took {time.monotonic() - t0:.1f} s")
-    log = _log(tmp_path)
-    assert r.returncode == 0, f"{r.stdout}{r.stderr}\n{log}\n{cluster.log_tail()}"
-    # each rank on its own node (hostname = node name in the node's UTS namespace), as Slurm placed it
-    assert _placement(log) == [(0, 0, 0, 2, "node1", "node1"), (0, 1, 1, 2, "node2", "node2")], log
-    assert all(x["cvd"] == "0" and x["local"] == "0" for x in _rank_lines(log))  # --gpus-per-node=1 honoured
-    assert "2 nodes x 1 GPUs on node1 node2" in log and "MASTER_ADDR=node1" in log
-    assert "megatron_grpo.cli train --config configs/grpo_tiny_cpu.yaml" in log  # the real trainer
-    # one process group of both ranks: data parallel over the two nodes
-    assert "0: [megatron-grpo] layout tp=1 pp=1 dp=2" in log, log
-    run = tmp_path / "run"
-    assert _steps(run) == [1, 2, 3, 4], log
-    assert _complete(run) == ["step_00000002", "step_00000004"]
-    assert _rng_files(run, 4) == ["rank_00000.pt", "rank_00001.pt"]  # each trainer rank saved its own state
-    assert "done: exit status 0" in log
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = ""
+    try:
+        job = p.stdout.readline().strip()
+        assert job.isdigit(), f"no job id: {job!r} {p.stderr.read() if p.poll() is not None else ''}"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not any(s >= step for s in _steps(run)):
+            assert p.poll() is None, f"job ended before it was signalled:\n{_log(log_dir)}"
+            assert time.monotonic() < deadline, f"step {step} not reached:\n{_log(log_dir)}"
+            time.sleep(0.2)
+        seen = max(_steps(run))
+        t_sig = time.monotonic()
+        sig = cluster.run("scancel", *scancel_args, job, check=False)
+        assert sig.returncode == 0, sig.stderr
+        out, err = p.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            if job:
+                cluster.run("scancel", job, check=False)
+    print(f"signalled after step {seen} at {t_sig - t0:.1f} s; job done after {time.monotonic() - t0:.1f} s")
+    log = _log(log_dir)
+    assert p.returncode == 0, f"{out}{err}\n{log}\n{cluster.log_tail()}"
+    return job, seen, log
 
 
 def test_usr1_checkpoints_requeues_and_resumes_real_trainer(cluster, asset_overrides, tmp_path):
@@ -157,31 +165,8 @@ def test_usr1_checkpoints_requeues_and_resumes_real_trainer(cluster, asset_overr
     max_steps = 6
     env = _job_env(cluster, tmp_path, OVERRIDES=f"{asset_overrides} {TRAINER_OVERRIDES} trainer.max_steps={max_steps}")
     run = tmp_path / "run"
-    t0 = time.monotonic()
-    p = subprocess.Popen([str(REPO / "slurm" / "submit.sh"), "--wait", "--parsable"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job = ""
-    try:
-        job = p.stdout.readline().strip()
-        assert job.isdigit(), f"no job id: {job!r} {p.stderr.read() if p.poll() is not None else ''}"
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not any(s >= 2 for s in _steps(run)):
-            assert p.poll() is None, f"job ended before it was signalled:\n{_log(tmp_path)}"
-            assert time.monotonic() < deadline, f"step 2 not reached:\n{_log(tmp_path)}"
-            time.sleep(0.2)
-        seen = max(_steps(run))
-        t_sig = time.monotonic()
-        sig = cluster.run("scancel", "--batch", "--signal=USR1", job, check=False)
-        assert sig.returncode == 0, sig.stderr
-        out, err = p.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            if job:
-                cluster.run("scancel", job, check=False)
-    print(f"signalled after step {seen} at {t_sig - t0:.1f} s; job done after {time.monotonic() - t0:.1f} s")
-    log = _log(tmp_path)
-    assert p.returncode == 0, f"{out}{err}\n{log}\n{cluster.log_tail()}"
+    job, seen, log = _signal_after_step(cluster, [str(REPO / "slurm" / "submit.sh"), "--wait", "--parsable"],
+                                        tmp_path, env, tmp_path, "--batch", "--signal=USR1")
 
     assert "batch shell got SIGUSR1" in log and f"requeueing job {job} (restart 1)" in log, log
     saved = [int(k) for k in re.findall(r"preemption signal 10: checkpoint of step (\d+) saved; exiting", log)]
@@ -239,46 +224,43 @@ def test_disaggregated_node_split_real_trainer_and_rollout_server(cluster, asset
     assert "rollout step exit 0" in log and "done: exit status 0" in log, log
 
 
-def test_scancel_sigterm_to_the_steps_checkpoints_and_exits_cleanly(cluster, asset_overrides, tmp_path):
-    """`scancel --signal=TERM JOB`: every process of the job's steps -- both ranks and every helper they
+def test_sbatch_two_nodes_real_trainer_then_scancel_sigterm_checkpoints_and_exits_cleanly(cluster, asset_overrides,
+                                                                                    tmp_path):
+    """Plain `sbatch --wait` of the unchanged script (command-line flags override the #SBATCH 8-node
+    defaults; the script takes the shape from the allocation) running the real trainer: one rank per
+    node, DP=2 across them, a checkpoint every step (checkpoint.keep_last=2 of them kept).
+    Then `scancel --signal=TERM JOB`: every process of the job's steps -- both ranks and every helper they
     started (reward workers, dist_checkpointing's results-queue manager) -- gets SIGTERM at once, while
     checkpoints are written every step. The ranks agree, finish the step, write a checkpoint that
     verifies (both ranks' RNG states) and exit 0; the job ends 0, without a traceback or a broken pipe.
-    (`--full`, which adds the batch shell, made Slurm 22.05 cancel the job here: KillWait, then SIGKILL.)"""
+    (`--full`, which adds the batch shell, made Slurm 22.05 cancel the job here: KillWait, then SIGKILL.)
+    One job checks both: the run to completion is test_usr1_checkpoints_requeues_and_resumes_real_trainer's."""
     from megatron_grpo.trainer.checkpoint import verify_checkpoint
 
     max_steps = 40
     env = _job_env(cluster, tmp_path, OVERRIDES=f"{asset_overrides} {TRAINER_OVERRIDES} trainer.max_steps={max_steps} "
                                                 "checkpoint.save_steps=1")
+    del env["NODES"], env["GPUS_PER_NODE"]  # the script must take the shape from the allocation
     run = tmp_path / "run"
-    p = subprocess.Popen(["sbatch", "--wait", "--parsable", "--nodes=2", "--gpus-per-node=1", "--time=30",
-                          f"--output={tmp_path}/%x-%j.out", "slurm/grpo_8node.sh"], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job = ""
-    try:
-        job = p.stdout.readline().strip()
-        assert job.isdigit(), f"no job id: {job!r} {p.stderr.read() if p.poll() is not None else ''}"
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not any(s >= 2 for s in _steps(run)):
-            assert p.poll() is None, f"job ended before it was signalled:\n{_log(tmp_path)}"
-            assert time.monotonic() < deadline, f"step 2 not reached:\n{_log(tmp_path)}"
-            time.sleep(0.2)
-        seen = max(_steps(run))
-        sig = cluster.run("scancel", "--signal=TERM", job, check=False)
-        assert sig.returncode == 0, sig.stderr
-        out, err = p.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            if job:
-                cluster.run("scancel", job, check=False)
-    log = _log(tmp_path)
-    assert p.returncode == 0, f"{out}{err}\n{log}\n{cluster.log_tail()}"
+    job, seen, log = _signal_after_step(
+        cluster, ["sbatch", "--wait", "--parsable", "--nodes=2", "--gpus-per-node=1", "--time=30",
+                  f"--output={tmp_path}/%x-%j.out", "slurm/grpo_8node.sh"], REPO, env, tmp_path, "--signal=TERM")
+    # the plain sbatch: each rank on its own node (hostname = node name in the node's UTS namespace), as
+    # Slurm placed it
+    assert _placement(log) == [(0, 0, 0, 2, "node1", "node1"), (0, 1, 1, 2, "node2", "node2")], log
+    assert all(x["cvd"] == "0" and x["local"] == "0" for x in _rank_lines(log))  # --gpus-per-node=1 honoured
+    assert "2 nodes x 1 GPUs on node1 node2" in log and "MASTER_ADDR=node1" in log, log
+    assert "megatron_grpo.cli train --config configs/grpo_tiny_cpu.yaml" in log, log  # the real trainer
+    # one process group of both ranks: data parallel over the two nodes
+    assert "0: [megatron-grpo] layout tp=1 pp=1 dp=2" in log, log
+    # SIGTERM: one checkpoint on the signal, of a step at or after the one seen
     saved = [int(k) for k in re.findall(r"preemption signal 15: checkpoint of step (\d+) saved; exiting", log)]
     assert len(saved) == 1 and seen <= saved[0] < max_steps, (seen, saved, log)
     k = saved[0]
     assert verify_checkpoint(run / "checkpoints" / f"step_{k:08d}") is None
-    assert _rng_files(run, k) == ["rank_00000.pt", "rank_00001.pt"]
+    assert _rng_files(run, k) == ["rank_00000.pt", "rank_00001.pt"]  # each trainer rank saved its own state
     assert _steps(run) == list(range(1, k + 1)), (_steps(run), log)
+    # checkpoint.save_steps=1 wrote every step's; keep_last=2 kept the last two (k >= seen >= 2)
+    assert _complete(run) == [f"step_{k - 1:08d}", f"step_{k:08d}"], (_complete(run), log)
     assert "Traceback" not in log and "Broken pipe" not in log and not re.search(r"^\d+: error:", log, re.M), log
     assert "done: exit status 0" in log and "requeueing" not in log, log
