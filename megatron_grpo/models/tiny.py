@@ -148,13 +148,13 @@ def make_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec | None = Non
     Deterministic for a given spec (weights from ``spec.seed``). Refuses to overwrite a non-empty
     folder unless ``overwrite``.
     """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # before the imports: refused at once
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force)")
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     spec = spec or TinyModelSpec()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force)")
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer()
