@@ -172,7 +172,7 @@ def test_moe_mapping_refuses_wrong_rows_and_provider_checks_ep(tmp_path):
 @pytest.fixture(scope="module")
 def bridge_run(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("moe-bridge")
-    return run_distributed("tests.dist.moe_bodies:bridge_parity", 2, warm=True, workdir=work, timeout=900,
+    return run_distributed("tests.dist.moe_bodies:bridge_parity", 2, workdir=work, timeout=900,
                            kwargs={"model_dir": models["qwen3_moe"], "tp": 1, "ep": 2})
 
 
