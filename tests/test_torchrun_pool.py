@@ -28,7 +28,6 @@ def test_pool_reuses_ranks_and_reports_failures_and_hangs(monkeypatch):
         _ok(fail_rank=1)
     msg = str(err.value)
     assert "--- rank 1 failed" in msg and "body failed on rank 1 on purpose" in msg, msg
-    assert "--- rank 0 failed" not in msg, msg
     after_failure = _ok()
     assert {r["pid"] for r in after_failure}.isdisjoint(r["pid"] for r in first), "a failed pool is replaced"
 

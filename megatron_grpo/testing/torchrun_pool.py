@@ -56,13 +56,13 @@ class _Pool:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        rank_pids = set()
         for pid_file in self.dir.glob("pid*"):
-            pid = int(pid_file.read_text())
-            try:  # only if that pid is still one of this pool's ranks
-                if str(self.dir).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    os.kill(pid, signal.SIGKILL)
-            except (OSError, ValueError):
+            try:
+                rank_pids.add(int(pid_file.read_text()))
+            except ValueError:
                 pass
+        _kill_sessions(rank_pids)
         self.proc.wait()
         self.log.close()
 
@@ -112,6 +112,20 @@ class _Pool:
                 self.kill()
                 return None, offset, time.monotonic() - started
             time.sleep(POLL_S)
+
+
+def _kill_sessions(sids: set) -> None:
+    """SIGKILL every process of these sessions: the ranks (torchrun makes each a session leader) and
+    what they started (dist_checkpointing's manager, multiprocessing's resource tracker)."""
+    if not sids:
+        return
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) in sids:  # state ppid pgrp session ...
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 _POOLS: dict[int, _Pool] = {}
