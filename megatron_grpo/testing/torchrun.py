@@ -94,15 +94,12 @@ def run_distributed(
             failures.append(f"--- rank {rank} failed:\n{record['traceback']}")
             results.append(None)
 
-    if rc is None:
+    if rc is None or rc != 0 or failures or missing:
+        what = (f"hung: killed after {timeout:.0f}s" if rc is None
+                else f"failed (torchrun exit {rc}, {elapsed:.0f}s)")
         raise AssertionError(
-            f"{target} at world size {world_size} hung: killed after {timeout:.0f}s; "
-            f"ranks without a result: {missing}\n" + "\n".join(failures) + f"\n--- log tail:\n{_tail(log_path, offset=offset)}"
-        )
-    if rc != 0 or failures or missing:
-        raise AssertionError(
-            f"{target} at world size {world_size} failed (torchrun exit {rc}, {elapsed:.0f}s); "
-            f"ranks without a result: {missing}\n" + "\n".join(failures) + f"\n--- log tail:\n{_tail(log_path, offset=offset)}"
+            f"{target} at world size {world_size} {what}; ranks without a result: {missing}\n"
+            + "\n".join(failures) + f"\n--- log tail:\n{_tail(log_path, offset=offset)}"
         )
     return results
 

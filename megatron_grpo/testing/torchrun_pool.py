@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,7 @@ class _Pool:
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def run(self, target: str, run_dir: Path, master_port: int, timeout: float, env: dict) -> tuple[int | None, int, float]:
         """Submit one body; wait for every rank's record, the pool's exit, or the timeout.
@@ -139,8 +141,9 @@ def run_in_pool(world_size: int, cmd_prefix: list, env: dict, target: str, run_d
     """
     pool = _POOLS.get(world_size)
     if pool is None or not pool.alive():
-        if pool is not None:
+        if pool is not None:  # failed or hung earlier: its error report has been read
             pool.kill()
+            shutil.rmtree(pool.dir, ignore_errors=True)
         pool = _POOLS[world_size] = _Pool(world_size, cmd_prefix, env)
     rc, offset, elapsed = pool.run(target, run_dir, master_port, timeout, env)
     if rc != 0:
