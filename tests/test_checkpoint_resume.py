@@ -11,7 +11,7 @@ from tests.dist.training_helpers import make_model_dir
 
 def test_training_state_resume_is_bit_exact(tmp_path):
     model_dir = make_model_dir(tmp_path / "tiny_qwen2")
-    results = run_distributed("tests.dist.checkpoint_resume:resume_exact", 2,
+    results = run_distributed("tests.dist.checkpoint_resume:resume_exact", 2, warm=True,
                               kwargs={"model_dir": model_dir, "root": str(tmp_path / "ckpts")})
     for rank, rep in enumerate(results):
         assert set(rep) == {"tp1pp2", "tp1pp1_distopt"}, rep

@@ -45,26 +45,55 @@ def _cli(python: str, *args: str) -> subprocess.CompletedProcess:
                           env=env(), timeout=600)
 
 
+# Several `megatron-grpo` commands in ONE interpreter of an environment (each a real `cli.main` call, as
+# the console script makes): one `import megatron.core` instead of one per command. A ["resume", STEP]
+# entry asks `checkpoint.resolve_resume` to resume STEP and reports its CheckpointError's text.
+_BATCH = """
+import json, sys
+from megatron_grpo.cli import main
+from megatron_grpo.trainer.checkpoint import CheckpointError, resolve_resume
+out = []
+for argv in json.loads(sys.argv[1]):
+    if argv[0] == "resume":
+        try:
+            resolve_resume(None, argv[1])
+            out.append("resumed")
+        except CheckpointError as e:
+            out.append(str(e))
+    else:
+        out.append(main(argv))
+print("BATCH " + json.dumps(out))
+"""
+
+
+def _cli_batch(python: str, *commands: list) -> list:
+    r = subprocess.run([python, "-c", _BATCH, json.dumps(commands)], capture_output=True, text=True, cwd=REPO,
+                       env=env(), timeout=900)
+    lines = [line for line in r.stdout.splitlines() if line.startswith("BATCH ")]
+    assert r.returncode == 0 and len(lines) == 1, (commands, r.stdout[-2000:], r.stderr[-3000:])
+    return json.loads(lines[0][len("BATCH "):])
+
+
 def _same_weights(a: Path, b: Path) -> bool:
     x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and x[k].equal(y[k]) for k in x)
 
 
-def _check_training_resume_refused(tmp_path: Path, model_ckpt: Path, writer: str, python: str, reader: str) -> None:
-    """A training checkpoint (COMPLETE marker naming its writer, dist_checkpointing ``model/``) in the format
-    the reader cannot read: ``checkpoint.resume`` refuses it with one line before any model is built."""
+def _training_checkpoint(tmp_path: Path, model_ckpt: Path, writer: str) -> Path:
+    """A training checkpoint (COMPLETE marker naming its writer, dist_checkpointing ``model/``)."""
     import shutil
 
     step = tmp_path / f"train_{writer}" / "checkpoints" / "step_00000002"
     shutil.copytree(model_ckpt, step / "model")
     (step / "trainer_state.json").write_text(json.dumps({"step": 2}))
     (step / "COMPLETE").write_text(json.dumps({"step": 2, "megatron_core_version": writer}))
-    code = ("import sys; from megatron_grpo.trainer.checkpoint import CheckpointError, resolve_resume\n"
-            "try:\n    resolve_resume(None, sys.argv[1])\nexcept CheckpointError as e:\n    print(e)\n")
-    r = subprocess.run([python, "-c", code, str(step)], capture_output=True, text=True, cwd=REPO, env=env(),
-                       timeout=300)
-    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1, (r.stdout, r.stderr[-2000:])
-    line = r.stdout.strip()
+    return step
+
+
+def _check_training_resume_refused(line: str, writer: str, reader: str) -> None:
+    """``checkpoint.resume`` of a training checkpoint in the format the reader cannot read refuses it
+    with one line (before any model is built) naming both versions and what to do."""
+    assert "\n" not in line.strip(), line
     assert f"megatron-core {writer}" in line and f"megatron-core {reader}" in line and "resume it with" in line, line
 
 
@@ -78,15 +107,22 @@ def test_checkpoints_across_megatron_core_versions(tmp_path):
     if Version(other[1]) > Version(md.version("megatron-core")):
         pytest.skip("both directions run once, from the newest megatron-core's lane (the test drives both environments)")
     envs = {md.version("megatron-core"): sys.executable, other[1]: other[0]}
+    mine = md.version("megatron-core")
     hf = tmp_path / "hf"
-    r = _cli(sys.executable, "make-tiny", "--out", str(hf), "--arch", "qwen2")
-    assert r.returncode == 0, r.stderr[-2000:]
+    # per environment, one process: its checkpoint of the HF folder, and that checkpoint exported back to
+    # HF with the same version (the route the refusal line names, used below when the other cannot read it)
+    for ver, py in envs.items():
+        make = [["make-tiny", "--out", str(hf), "--arch", "qwen2"]] if ver == mine else []
+        rcs = _cli_batch(py, *make,
+                         ["convert", "hf-to-megatron", "--hf", str(hf), "--out", str(tmp_path / f"ckpt_{ver}")],
+                         ["convert", "megatron-to-hf", "--ckpt", str(tmp_path / f"ckpt_{ver}"),
+                          "--out", str(tmp_path / f"via_{ver}")])
+        assert rcs == [0] * len(rcs), (ver, rcs)
     outcome = {}
     for writer, reader in (tuple(envs), tuple(envs)[::-1]):
         ckpt, back = tmp_path / f"ckpt_{writer}", tmp_path / f"back_{writer}_to_{reader}"
-        r = _cli(envs[writer], "convert", "hf-to-megatron", "--hf", str(hf), "--out", str(ckpt))
-        assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads((ckpt / "megatron_grpo.json").read_text())["megatron_core_version"] == writer
+        assert _same_weights(hf, tmp_path / f"via_{writer}")  # the writer's own round trip is bit-exact
         r = _cli(envs[reader], "convert", "megatron-to-hf", "--ckpt", str(ckpt), "--out", str(back))
         if r.returncode == 0:
             assert _same_weights(hf, back)
@@ -98,16 +134,16 @@ def test_checkpoints_across_megatron_core_versions(tmp_path):
         assert f"megatron-core {writer}" in line and f"megatron-core {reader}" in line, line
         assert "megatron-to-hf" in line and "hf-to-megatron" in line, line
         assert not back.exists() or not any(back.iterdir()), "nothing is written before the error"
-        # the conversion the line names: export with the writer, import with the reader -> bit-exact
+        # the conversion the line names: export with the writer (above), import with the reader -> bit-exact
         via, again, out = tmp_path / f"via_{writer}", tmp_path / f"ckpt_{reader}_from_{writer}", tmp_path / "out"
-        for py, args in ((envs[writer], ("megatron-to-hf", "--ckpt", str(ckpt), "--out", str(via))),
-                         (envs[reader], ("hf-to-megatron", "--hf", str(via), "--out", str(again))),
-                         (envs[reader], ("megatron-to-hf", "--ckpt", str(again), "--out", str(out)))):
-            r = _cli(py, "convert", *args)
-            assert r.returncode == 0, r.stderr[-2000:]
+        rc_in, rc_out, refusal = _cli_batch(
+            envs[reader], ["convert", "hf-to-megatron", "--hf", str(via), "--out", str(again)],
+            ["convert", "megatron-to-hf", "--ckpt", str(again), "--out", str(out)],
+            ["resume", str(_training_checkpoint(tmp_path, ckpt, writer))])
+        assert rc_in == 0 and rc_out == 0, (rc_in, rc_out)
         assert _same_weights(hf, out)
         outcome[(writer, reader)] = "one error line; converted through HF"
-        _check_training_resume_refused(tmp_path, ckpt, writer, envs[reader], reader)
+        _check_training_resume_refused(refusal, writer, reader)
     old, new = sorted(envs, key=Version)
     assert outcome[(old, new)] == "loads", outcome
     print("cross-version checkpoints:", outcome)

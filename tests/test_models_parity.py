@@ -23,7 +23,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run22(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("tp2pp2")
-    return run_distributed("tests.dist.models_bodies:parity_and_roundtrip", 4, workdir=work,
+    return run_distributed("tests.dist.models_bodies:parity_and_roundtrip", 4, warm=True, workdir=work,
                            kwargs={"tp": 2, "pp": 2, "models": models, "workdir": str(work)})
 
 
@@ -31,7 +31,7 @@ def run22(models, tmp_path_factory):
 def run11(models, run22, tmp_path_factory):
     work = tmp_path_factory.mktemp("tp1pp1")
     ckpts = {arch: run22[0]["roundtrip"][arch]["ckpt"] for arch in ARCHS}
-    return run_distributed("tests.dist.models_bodies:parity_and_roundtrip", 1, workdir=work,
+    return run_distributed("tests.dist.models_bodies:parity_and_roundtrip", 1, warm=True, workdir=work,
                            kwargs={"tp": 1, "pp": 1, "models": models, "workdir": str(work),
                                    "reshard_from": ckpts, "error_cases": True})
 
@@ -67,7 +67,7 @@ def test_parity_tp2pp2(run22):
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
 def test_parity(models, tp, pp, tmp_path):
-    results = run_distributed("tests.dist.models_bodies:parity_and_roundtrip", tp * pp, workdir=tmp_path,
+    results = run_distributed("tests.dist.models_bodies:parity_and_roundtrip", tp * pp, warm=True, workdir=tmp_path,
                               kwargs={"tp": tp, "pp": pp, "models": models})
     _check_parity(results, tp, pp)
 

@@ -29,7 +29,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run2(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("moe-w2")
-    return run_distributed("tests.dist.moe_bodies:moe_layouts", 2, workdir=work, timeout=900,
+    return run_distributed("tests.dist.moe_bodies:moe_layouts", 2, warm=True, workdir=work, timeout=900,
                            kwargs={"models": models, "layouts": [(1, 1, 1), (1, 2, 1)], "workdir": str(work),
                                    "roundtrip": {"tp1ep2pp1": (1, 1, 1)}, "grad_model": models["qwen3_moe"]})
 
@@ -37,7 +37,7 @@ def run2(models, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run4(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("moe-w4")
-    return run_distributed("tests.dist.moe_bodies:moe_layouts", 4, workdir=work, timeout=900,
+    return run_distributed("tests.dist.moe_bodies:moe_layouts", 4, warm=True, workdir=work, timeout=900,
                            kwargs={"models": models, "layouts": [(2, 2, 1), (1, 2, 2)], "workdir": str(work),
                                    "roundtrip": {"tp2ep2pp1": None}})
 

@@ -21,7 +21,7 @@ def test_detect_reports_this_machine():
 
 @pytest.mark.parametrize("tp,pp,world", [(2, 1, 2), (1, 2, 2), (2, 2, 4)])
 def test_megatron_schedule_ddp_optimizer_train(tp, pp, world):
-    results = run_distributed("tests.dist.megatron_train_body:train_loss_falls", world, kwargs={"tp": tp, "pp": pp})
+    results = run_distributed("tests.dist.megatron_train_body:train_loss_falls", world, warm=True, kwargs={"tp": tp, "pp": pp})
     last = [r for r in results if r["losses"]]
     assert len(last) == world // pp  # every last-stage rank reports losses
     for r in results:

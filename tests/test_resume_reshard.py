@@ -17,7 +17,7 @@ def model_dir(tmp_path_factory):
 
 
 def _reference(model_dir, root, distopt: bool) -> dict:
-    [ref] = run_distributed("tests.dist.resume_reshard:save_then_continue", 1,
+    [ref] = run_distributed("tests.dist.resume_reshard:save_then_continue", 1, warm=True,
                             kwargs={"model_dir": model_dir, "root": str(root), "distopt": distopt})
     return ref
 
@@ -52,7 +52,7 @@ def _assert_resumed(results: list, ref: dict) -> None:
 
 @pytest.mark.parametrize("layout", [dict(tp=2), dict(tp=1, pp=2)], ids=["tp1_to_tp2", "pp1_to_pp2"])
 def test_resume_at_another_layout(model_dir, plain_ref, layout):
-    results = run_distributed("tests.dist.resume_reshard:resume_at", 2,
+    results = run_distributed("tests.dist.resume_reshard:resume_at", 2, warm=True,
                               kwargs={"model_dir": model_dir, "ckpt": plain_ref["ckpt"], **layout})
     _assert_resumed(results, plain_ref)
 
@@ -61,7 +61,7 @@ def test_distributed_optimizer_resumes_at_another_dp(model_dir, distopt_ref):
     """The distributed optimizer's checkpoint ('dp_reshardable': TP x PP fixed, DP free) written at DP1
     loads at DP2: the step counter and every weight come back exactly, and the next step equals the
     uninterrupted run's (Adam moments and step count restored; the DP sum only reorders floats)."""
-    results = run_distributed("tests.dist.resume_reshard:resume_at", 2,
+    results = run_distributed("tests.dist.resume_reshard:resume_at", 2, warm=True,
                               kwargs={"model_dir": model_dir, "ckpt": distopt_ref["ckpt"], "tp": 1, "distopt": True})
     _assert_resumed(results, distopt_ref)
 
@@ -69,7 +69,7 @@ def test_distributed_optimizer_resumes_at_another_dp(model_dir, distopt_ref):
 def test_distributed_optimizer_at_another_pp_is_one_line(model_dir, distopt_ref):
     """'dp_reshardable' cannot move to another PP (its buckets follow the TP x PP shard of the model):
     every rank reports one line naming the layout written and the layout asked for."""
-    results = run_distributed("tests.dist.resume_reshard:resume_error_at", 2,
+    results = run_distributed("tests.dist.resume_reshard:resume_error_at", 2, warm=True,
                               kwargs={"model_dir": model_dir, "ckpt": distopt_ref["ckpt"], "tp": 1, "pp": 2,
                                       "distopt": True})
     for rep in results:

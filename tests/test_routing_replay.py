@@ -30,9 +30,9 @@ def model_dir(tmp_path_factory):
 def runs(model_dir, tmp_path_factory):
     """{layout: [per-rank results]}: EP=2 on 2 ranks, then EP2xPP2 on 4 ranks."""
     work = tmp_path_factory.mktemp("rr-w")
-    out = {"tp1ep2pp1": run_distributed("tests.dist.routing_replay_bodies:routing_replay", 2, workdir=work,
+    out = {"tp1ep2pp1": run_distributed("tests.dist.routing_replay_bodies:routing_replay", 2, warm=True, workdir=work,
                                         timeout=900, kwargs={"model_dir": model_dir, "ep": 2})}
-    four = run_distributed("tests.dist.routing_replay_bodies:routing_replay_layouts", 4, workdir=work, timeout=1200,
+    four = run_distributed("tests.dist.routing_replay_bodies:routing_replay_layouts", 4, warm=True, workdir=work, timeout=1200,
                            kwargs={"model_dir": model_dir, "layouts": LAYOUTS4})
     for key in four[0]:
         out[key] = [r[key] for r in four]

@@ -18,7 +18,7 @@ def model_dirs(tmp_path_factory):
 
 
 def test_sequence_parallel_equals_off_at_tp2(model_dirs):
-    results = run_distributed("tests.dist.sp_bodies:sp_parity", 2, kwargs={"model_dirs": model_dirs})
+    results = run_distributed("tests.dist.sp_bodies:sp_parity", 2, warm=True, kwargs={"model_dirs": model_dirs})
     rep = results[0]
     print(rep)
     assert rep["sp_norms"] == {"qwen2": 2 * 2 + 1, "qwen3": 4 * 2 + 1}  # per layer: 2 (+ q/k); final norm

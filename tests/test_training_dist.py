@@ -16,7 +16,7 @@ def model_dir(tmp_path_factory):
 def test_gradients_exact_across_tp_pp_dp_and_microbatches(model_dir):
     """TP2xPP2 (DP1), TP2xPP1 (DP2), TP1xPP1 (DP4), 1..8 micro-batches, token-mean and
     seq-mean-token-mean: every gradient equals the single-process full-batch autograd gradient."""
-    results = run_distributed("tests.dist.training_grad_parity:grad_parity", 4, kwargs={"model_dir": model_dir})
+    results = run_distributed("tests.dist.training_grad_parity:grad_parity", 4, warm=True, kwargs={"model_dir": model_dir})
     rep = results[0]
     assert len(rep["grad_err"]) == 2 * (2 + 2 + 3)
     assert max(rep["grad_err"].values()) <= 1e-5, rep["grad_err"]
@@ -27,7 +27,7 @@ def test_gradients_exact_across_tp_pp_dp_and_microbatches(model_dir):
 
 
 def test_training_loop_guard_reference_schedule_distopt(model_dir):
-    results = run_distributed("tests.dist.training_loop:training_loop", 2, kwargs={"model_dir": model_dir})
+    results = run_distributed("tests.dist.training_loop:training_loop", 2, warm=True, kwargs={"model_dir": model_dir})
     rep = results[0]
     losses = rep["losses"]
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)

@@ -65,7 +65,7 @@ def test_on_policy_shortcut_exact_and_token_budget_exact_pp2_dp2(model_dir):
     """TP1xPP2 and DP2: the shortcut is bit-identical to the separate old pass with one forward pass
     fewer; token-budget micro-batches (incl. token-balanced DP shards) give the fixed micro-batches'
     loss and gradients with less padding."""
-    results = run_distributed("tests.dist.training_passes:passes", 2, kwargs={"model_dir": model_dir})
+    results = run_distributed("tests.dist.training_passes:passes", 2, warm=True, kwargs={"model_dir": model_dir})
     rep = results[0]
     print(json.dumps(rep, indent=1))
     for key in ("tp1pp2dp1", "tp1pp1dp2"):

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from megatron_grpo.testing import torchrun_pool
+
 DEFAULT_TIMEOUT = float(os.environ.get("MEGATRON_GRPO_DIST_TIMEOUT", "600"))
 
 
@@ -32,9 +34,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, n_chars: int = 6000) -> str:
+def _tail(path: Path, n_chars: int = 6000, offset: int = 0) -> str:
     try:
-        text = path.read_text(errors="replace")
+        text = path.read_bytes()[offset:].decode(errors="replace")
     except OSError:
         return "<no log>"
     return text[-n_chars:]
@@ -48,35 +50,35 @@ def run_distributed(
     timeout: float = DEFAULT_TIMEOUT,
     env: dict | None = None,
     workdir: str | os.PathLike | None = None,
+    warm: bool = False,
 ) -> list:
     """Run ``module:function`` on ``world_size`` ranks; return each rank's JSON-able result.
 
+    ``warm``: run it on this process's warm pool of ``world_size`` ranks (one torchrun launch serves
+    many bodies; see :mod:`megatron_grpo.testing.torchrun_pool`) -- for bodies that set up and tear down
+    their own process groups; calls with their own ``env`` always launch fresh.
     Raises AssertionError naming each failed rank (with its traceback), or the hang.
     """
     run_dir = Path(tempfile.mkdtemp(prefix="torchrun-", dir=workdir))
     log_path = run_dir / "combined.log"
     (run_dir / "kwargs.json").write_text(json.dumps(kwargs or {}))
-    cmd = [
+    prefix = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={world_size}", "--nnodes=1", "--max-restarts=0",
         "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-        "-m", "megatron_grpo.testing.torchrun_worker", target, str(run_dir),
     ]
     full_env = dict(os.environ)
     full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": full_env.get("OMP_NUM_THREADS", "1")})
     full_env.update(env or {})
     repo_root = str(Path(__file__).resolve().parents[2])
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, full_env.get("PYTHONPATH")) if p)
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            rc = None
-    elapsed = time.monotonic() - started
+    offset = 0
+    if warm and not env and torchrun_pool.enabled():
+        rc, log_path, offset, elapsed = torchrun_pool.run_in_pool(
+            world_size, prefix, full_env, target, run_dir, free_port(), timeout)
+    else:
+        rc, elapsed = _launch([*prefix, "-m", "megatron_grpo.testing.torchrun_worker", target, str(run_dir)],
+                              full_env, log_path, timeout)
 
     results, failures, missing = [], [], []
     for rank in range(world_size):
@@ -92,14 +94,25 @@ def run_distributed(
             failures.append(f"--- rank {rank} failed:\n{record['traceback']}")
             results.append(None)
 
-    if rc is None:
+    if rc is None or rc != 0 or failures or missing:
+        what = (f"hung: killed after {timeout:.0f}s" if rc is None
+                else f"failed (torchrun exit {rc}, {elapsed:.0f}s)")
         raise AssertionError(
-            f"{target} at world size {world_size} hung: killed after {timeout:.0f}s; "
-            f"ranks without a result: {missing}\n" + "\n".join(failures) + f"\n--- log tail:\n{_tail(log_path)}"
-        )
-    if rc != 0 or failures or missing:
-        raise AssertionError(
-            f"{target} at world size {world_size} failed (torchrun exit {rc}, {elapsed:.0f}s); "
-            f"ranks without a result: {missing}\n" + "\n".join(failures) + f"\n--- log tail:\n{_tail(log_path)}"
+            f"{target} at world size {world_size} {what}; ranks without a result: {missing}\n"
+            + "\n".join(failures) + f"\n--- log tail:\n{_tail(log_path, offset=offset)}"
         )
     return results
+
+
+def _launch(cmd: list, env: dict, log_path: Path, timeout: float) -> tuple[int | None, float]:
+    """One fresh torchrun launch: (its exit code, or None when killed after ``timeout``; seconds)."""
+    started = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    return rc, time.monotonic() - started

@@ -1,6 +1,7 @@
 """Entry point of one rank launched by :func:`megatron_grpo.testing.torchrun.run_distributed`.
 
-Usage: ``python -m megatron_grpo.testing.torchrun_worker module:function RUN_DIR``.
+Usage: ``python -m megatron_grpo.testing.torchrun_worker module:function RUN_DIR``, or ``--pool POOL_DIR``
+to serve successive bodies (see :mod:`megatron_grpo.testing.torchrun_pool`).
 Writes ``RUN_DIR/rank<R>.json``: ``{"ok": true, "result": ...}`` or ``{"ok": false, "traceback": ...}``.
 """
 from __future__ import annotations
@@ -13,8 +14,8 @@ import traceback
 from pathlib import Path
 
 
-def main() -> int:
-    target, run_dir = sys.argv[1], Path(sys.argv[2])
+def run_one(target: str, run_dir: Path) -> bool:
+    """Call ``target`` with ``run_dir/kwargs.json``; write this rank's record; True on success."""
     rank = int(os.environ.get("RANK", "0"))
     out = run_dir / f"rank{rank}.json"
     try:
@@ -23,15 +24,23 @@ def main() -> int:
         kwargs = json.loads((run_dir / "kwargs.json").read_text())
         result = func(**kwargs)
         record = {"ok": True, "result": result}
-        code = 0
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit/KeyboardInterrupt
         record = {"ok": False, "traceback": traceback.format_exc()}
-        code = 1
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, default=repr))
     tmp.rename(out)
     sys.stdout.flush()
     sys.stderr.flush()
+    return record["ok"]
+
+
+def main() -> int:
+    if sys.argv[1] == "--pool":  # a warm pool (megatron_grpo.testing.torchrun_pool): many bodies, one launch
+        from megatron_grpo.testing.torchrun_pool import serve
+
+        code = serve(Path(sys.argv[2]), run_one)
+    else:
+        code = 0 if run_one(sys.argv[1], Path(sys.argv[2])) else 1
     if code == 0:
         # Skip interpreter teardown: vLLM/gloo background threads can hang at exit after success.
         try:
