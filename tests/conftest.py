@@ -22,3 +22,19 @@ def no_shm_leak():
     while (left := leaked_shm(before)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"left behind in {SHM}: {left}"
+
+
+@pytest.fixture(scope="session")
+def plain_run(assets, tmp_path_factory) -> dict:
+    """One uninterrupted run of the tiny config (tests/e2e.py PLAIN_RUN: 4 steps, a checkpoint each step,
+    all kept), made once per session: the reference of test_group_signals' exact resume, and the run that
+    test_resume_branch branches (a copy of its folder). Never write into ``out``: copy it."""
+    from tests.e2e import PLAIN_RUN, metrics, run_train, shm_left_after, shm_names
+
+    out = tmp_path_factory.mktemp("plain_run") / "run"
+    before = shm_names()
+    proc = run_train(*assets, *PLAIN_RUN, f"trainer.output_dir={out}", timeout=900)
+    left = shm_left_after(before)  # what no_shm_leak checks, for this run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not left, f"left behind in {SHM}: {left}"
+    return {"out": out, "stdout": proc.stdout, "metrics": {r["step"]: r for r in metrics(out)}}

@@ -157,3 +157,59 @@ def prepare_tiny_assets(root: Path, config: Path = CONFIG) -> list[str]:
     overrides = [f"model.path={root / 'model'}", f"data.path={root / 'data'}"]
     prepare_assets(load_config(config, [*overrides, f"trainer.output_dir={root / 'unused'}"]))
     return overrides
+
+
+def shm_names() -> set[str]:
+    return {p.name for p in SHM.iterdir()}
+
+
+def shm_left_after(before: set[str], wait: float = 20.0) -> list[str]:
+    """``leaked_shm(before)`` once the engine guards had time to clean up (``wait`` seconds at most): the
+    check of the ``no_shm_leak`` fixture, for a run made by a module-scoped fixture (which starts before
+    any test's own ``no_shm_leak`` looks)."""
+    import time
+
+    deadline = time.monotonic() + wait
+    while (left := leaked_shm(before)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+_CLI_DRIVER = r"""
+import contextlib, io, json, sys, traceback
+from megatron_grpo.cli import main
+argvs, result_file, results = json.loads(sys.argv[1]), sys.argv[2], []
+for argv in argvs:
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["megatron-grpo", *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as e:  # what `python -m megatron_grpo.cli` would exit with
+            rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:  # what the interpreter would print for an uncaught exception
+            traceback.print_exc(file=err)
+            rc = 1
+    results.append({"returncode": rc, "stdout": out.getvalue(), "stderr": err.getvalue()})
+with open(result_file, "w") as fh:
+    json.dump(results, fh)
+"""
+
+
+def cli_in_one_process(argvs: list[list[str]], result_file: Path, timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Each argv through the CLI's own entry (`megatron_grpo.cli.main`, with ``sys.argv`` set) one after the
+    other in ONE fresh Python process: the heavy imports of the input checks (torch, transformers,
+    datasets: ~11 CPU-s) are paid once instead of once per case. Returns what each would have exited with
+    and printed."""
+    proc = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(argvs), str(result_file)],
+                          capture_output=True, text=True,
+                          cwd=REPO, env=env(), timeout=timeout)
+    if proc.returncode != 0 or not result_file.is_file():
+        raise AssertionError(f"CLI driver failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
+    return [subprocess.CompletedProcess(argv, r["returncode"], r["stdout"], r["stderr"])
+            for argv, r in zip(argvs, json.loads(result_file.read_text()))]
+
+
+# The shared uninterrupted run (tests/conftest.py `plain_run`): 4 steps, a checkpoint every step, all kept.
+PLAIN_RUN = ["trainer.eval_steps=0", "trainer.export_at_end=false", "trainer.samples_every=0",
+             "checkpoint.save_steps=1", "checkpoint.keep_last=5", "trainer.max_steps=4"]

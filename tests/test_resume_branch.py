@@ -2,12 +2,13 @@
 abandoned branch's later checkpoints and log lines aside, never deletes them, and a later
 `resume=auto` continues the new branch. The first tests are files only; the last runs the trainer."""
 import json
+import shutil
 
 import pytest
 
 from megatron_grpo.trainer.checkpoint import CheckpointError, CheckpointWriter, verify_checkpoint
 from megatron_grpo.trainer.run_dir import plan_run, start_run
-from tests.e2e import metrics, run_train
+from tests.e2e import PLAIN_RUN, metrics, run_train
 from tests.test_checkpoint_verify import _cfg, _save
 
 
@@ -75,16 +76,15 @@ def test_a_step_without_checkpoint_is_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.vllm
 @pytest.mark.timeout(2400)
-def test_trainer_resumes_an_older_step_as_a_new_branch(assets, tmp_path):
-    """A real run to step 3 (a checkpoint each step), resumed from step 1: steps 2-3 of the abandoned
-    branch are set aside, the new branch repeats them exactly, and `auto` then continues the new branch."""
+def test_trainer_resumes_an_older_step_as_a_new_branch(assets, plain_run, tmp_path):
+    """A real run to step 4 (a checkpoint each step: a copy of the session's `plain_run` folder), resumed
+    from step 1 to step 3: steps 2-4 of the abandoned branch are set aside, the new branch repeats steps
+    2-3 exactly, and `auto` then continues the new branch to a step 4 equal to the abandoned one."""
     out = tmp_path / "run"
-    common = [*assets, "trainer.eval_steps=0", "trainer.export_at_end=false", "trainer.samples_every=0",
-              "checkpoint.save_steps=1", "checkpoint.keep_last=5", f"trainer.output_dir={out}"]
-    first = run_train(*common, "trainer.max_steps=3", timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    shutil.copytree(plain_run["out"], out)
+    common = [*assets, *PLAIN_RUN, f"trainer.output_dir={out}"]  # PLAIN_RUN sets max_steps=4; overridden below
     old = {r["step"]: r for r in metrics(out)}
-    assert sorted(old) == [1, 2, 3]
+    assert sorted(old) == [1, 2, 3, 4]
 
     branch = run_train(*common, "trainer.max_steps=3", "checkpoint.resume=1", timeout=900)
     assert branch.returncode == 0, branch.stdout[-3000:] + branch.stderr[-3000:]
@@ -92,10 +92,11 @@ def test_trainer_resumes_an_older_step_as_a_new_branch(assets, tmp_path):
     aside = [p for p in out.iterdir() if p.name.startswith("abandoned_after_step_00000001_")]
     assert len(aside) == 1
     said = [line for line in branch.stdout.splitlines() if "moved to" in line]
-    assert len(said) == 1 and "step_00000002, step_00000003" in said[0] and "2 metrics.jsonl line(s)" in said[0]
-    for s in (2, 3):
+    assert (len(said) == 1 and "step_00000002, step_00000003, step_00000004" in said[0]
+            and "3 metrics.jsonl line(s)" in said[0]), said
+    for s in (2, 3, 4):
         assert verify_checkpoint(aside[0] / "checkpoints" / f"step_{s:08d}") is None
-    assert [r["step"] for r in metrics(aside[0])] == [2, 3]
+    assert [r["step"] for r in metrics(aside[0])] == [2, 3, 4]
     new = {r["step"]: r for r in metrics(out)}
     assert sorted(new) == [1, 2, 3]  # one line per step: the new branch's
     for s in (2, 3):  # the same config from the same state: the abandoned steps come back exactly
@@ -107,4 +108,6 @@ def test_trainer_resumes_an_older_step_as_a_new_branch(assets, tmp_path):
     assert f"resumed from {out / 'checkpoints' / 'step_00000003'} at step 3" in more.stdout, more.stdout[-3000:]
     assert "moved to" not in more.stdout
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
-    assert [r["step"] for r in metrics(aside[0])] == [2, 3]
+    assert [r["step"] for r in metrics(aside[0])] == [2, 3, 4]
+    for key in ("reward/mean", "train/loss", "train/grad_norm"):  # and continues it as the abandoned one went
+        assert metrics(out)[3][key] == old[4][key], key

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.e2e import REPO, env, error_lines, train_cmd
+from tests.e2e import REPO, cli_in_one_process, env, error_lines, train_cmd
 
 pytestmark = pytest.mark.vllm  # the train CLI starts vLLM
 
@@ -95,29 +95,47 @@ def cases(root, model, data):
     ], base, out
 
 
+# Cases whose point is the command line itself (argument and override parsing, the launcher option) and
+# one that passes the config checks (the run-folder check), each as its own `python -m megatron_grpo.cli`
+# process; the other cases go through the same CLI entry (`megatron_grpo.cli.main`) one after the other in
+# one fresh process, so the ~11 CPU-s of imports the input checks need are paid once, not per case.
+OWN_PROCESS = {"--nproc-per-node not divisible by TP", "unknown key", "wrong type", "G = 1",
+               "new run into a folder holding another run"}
+
+
 def test_each_bad_input_is_one_line_and_nothing_is_lost(assets):
     root, model, data = assets
     table, base, out = cases(root, model, data)
     assert len(table) >= 15
+    assert OWN_PROCESS <= {name for name, _, _ in table}
     out.mkdir(exist_ok=True)
     keep = out / "metrics.jsonl"
     keep.write_text('{"step": 1}\n')  # a previous run's files must survive every failed start
     (out / "config.yaml").write_text("previous: run\n")
 
-    def check(case):
-        name, overrides, expected = case
+    def command(overrides):
         flags = [o for o in overrides if o.startswith("--")]  # options before the positional overrides
         cmd = train_cmd(*base, *[o for o in overrides if o not in flags])
-        proc = subprocess.run(cmd[:4] + flags + cmd[4:], capture_output=True, text=True, cwd=REPO, env=env(),
-                              timeout=600)
+        return cmd[:4] + flags + cmd[4:]
+
+    def own_process(case):
+        return subprocess.run(command(case[1]), capture_output=True, text=True, cwd=REPO, env=env(), timeout=600)
+
+    def check(case, proc):
+        name, _, expected = case
         errors = error_lines(proc.stderr)
         if (proc.returncode == 0 or len(errors) != 1 or expected not in errors[0]
                 or "Traceback" in proc.stderr or "[megatron-grpo] layout" in proc.stdout):
             return f"{name}: exit {proc.returncode}, errors {errors}, stderr tail {proc.stderr[-800:]!r}"
         return None
 
+    alone = [c for c in table if c[0] in OWN_PROCESS]
+    together = [c for c in table if c[0] not in OWN_PROCESS]
     with ThreadPoolExecutor(max_workers=2) as pool:  # independent processes; two cores
-        failures = [f for f in pool.map(check, table) if f]
+        batch = pool.submit(cli_in_one_process, [command(c[1])[3:] for c in together], root / "results.json")
+        procs = list(pool.map(own_process, alone))
+        procs = procs + batch.result()
+    failures = [f for f in map(check, alone + together, procs) if f]
     assert not failures, "\n".join(failures)
     assert keep.read_text() == '{"step": 1}\n' and (out / "config.yaml").read_text() == "previous: run\n"
     assert not (out / "checkpoints").exists()

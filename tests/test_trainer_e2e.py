@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from megatron_grpo.testing.torchrun import free_port
-from tests.e2e import REPO, alive, descendants, env, kill9_at_step, kill_tree, metrics, run_train, train_cmd
+from tests.e2e import (REPO, alive, descendants, env, kill9_at_step, kill_tree, metrics, run_train,
+                       shm_left_after, shm_names, train_cmd)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 pytestmark = [*pytestmark, pytest.mark.vllm]  # the 3.12 lane has no vLLM
@@ -139,17 +140,22 @@ def test_lost_rank_ends_job_fast_naming_it(assets, tmp_path):
     assert not left, left
 
 
-def test_disaggregated_engine_matches_colocated(assets, tmp_path):
-    """vLLM in its own processes (weights over a process group) gives the same run as colocated vLLM."""
+def test_disaggregated_engine_matches_colocated(assets, usr1_disaggregated, tmp_path):
+    """vLLM in its own processes (weights over a process group) gives the same run as colocated vLLM.
+    The disaggregated side is the USR1 test's run (same settings, max_steps=40: the constant schedule makes
+    its first 2 steps those of a 2-step run); it is at step 2 or past it when the signal comes."""
     common = [*assets, "trainer.max_steps=2", "trainer.eval_steps=0", "checkpoint.save_steps=0",
               "trainer.export_at_end=false"]
-    runs = {}
-    for placement in ("colocated", "disaggregated"):
-        out = tmp_path / placement
-        proc = run_train(*common, f"rollout.placement={placement}", f"trainer.output_dir={out}")
-        _ok(proc)
-        assert _parity(proc.stdout) <= 1e-3
-        runs[placement] = metrics(out)
+    out = tmp_path / "colocated"
+    proc = run_train(*common, "rollout.placement=colocated", f"trainer.output_dir={out}")
+    _ok(proc)
+    assert _parity(proc.stdout) <= 1e-3
+    runs = {"colocated": metrics(out)}
+    run = usr1_disaggregated
+    assert run["returncode"] == 0, run["log"][-3000:]
+    assert _parity(run["log"]) <= 1e-3
+    runs["disaggregated"] = metrics(run["out"])[:2]
+    assert [r["step"] for r in runs["colocated"]] == [r["step"] for r in runs["disaggregated"]] == [1, 2]
     for a, b in zip(runs["colocated"], runs["disaggregated"]):
         for key in ("reward/mean", "train/loss", "completion/length_mean"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
@@ -184,10 +190,12 @@ def test_algorithm_options_run_through_the_trainer(assets, tmp_path, options):
         assert "train/is_weight" in rows[0]
 
 
-def test_usr1_to_every_process_checkpoints_a_disaggregated_run(assets, tmp_path):
-    """Slurm signals every process of a job step: vLLM's own processes (in-job disaggregated engine)
-    must survive SIGUSR1 so the trainer can finish its step, checkpoint and exit 0."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def usr1_disaggregated(assets, tmp_path_factory):
+    """A disaggregated run (max_steps=40) that gets SIGUSR1 in every process once step 2 is logged, as
+    Slurm signals a job step; what it did, for the USR1 test and (its first 2 steps) the placement test."""
+    out = tmp_path_factory.mktemp("usr1") / "run"
+    before = shm_names()
     cmd = train_cmd(*assets, "rollout.placement=disaggregated", "trainer.max_steps=40", "trainer.eval_steps=0",
                     "checkpoint.save_steps=0", "trainer.export_at_end=false", f"trainer.output_dir={out}")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -197,10 +205,9 @@ def test_usr1_to_every_process_checkpoints_a_disaggregated_run(assets, tmp_path)
             if (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2:
                 break
             time.sleep(0.5)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        engine_pids = descendants(proc.pid)
-        assert engine_pids, "the disaggregated engine runs in processes of its own"
-        for pid in [proc.pid, *engine_pids]:  # what Slurm's --signal / scancel -s USR1 does to a step
+        running = proc.poll() is None
+        engine_pids = descendants(proc.pid) if running else []
+        for pid in [proc.pid, *engine_pids] if running else []:  # what Slurm's --signal / scancel -s USR1 does
             try:
                 os.kill(pid, signal.SIGUSR1)
             except ProcessLookupError:
@@ -209,7 +216,19 @@ def test_usr1_to_every_process_checkpoints_a_disaggregated_run(assets, tmp_path)
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
-    assert proc.returncode == 0, log[-3000:]
+    return {"returncode": proc.returncode, "log": log, "out": out, "running_at_step_2": running,
+            "engine_pids": engine_pids, "shm_left": shm_left_after(before)}
+
+
+def test_usr1_to_every_process_checkpoints_a_disaggregated_run(usr1_disaggregated):
+    """Slurm signals every process of a job step: vLLM's own processes (in-job disaggregated engine)
+    must survive SIGUSR1 so the trainer can finish its step, checkpoint and exit 0."""
+    run = usr1_disaggregated
+    out, log = run["out"], run["log"]
+    assert run["running_at_step_2"], log[-3000:]
+    assert run["engine_pids"], "the disaggregated engine runs in processes of its own"
+    assert run["returncode"] == 0, log[-3000:]
+    assert not run["shm_left"], f"left behind in /dev/shm: {run['shm_left']}"
     saved = re.search(r"preemption signal \S+: checkpoint of step (\d+) saved", log)
     assert saved, log[-3000:]
     step = int(saved.group(1))
