@@ -1,4 +1,5 @@
-"""Fixtures shared by the end-to-end test modules."""
+"""Fixtures shared by the end-to-end test modules, and the CPU-seconds report of each pytest run."""
+import resource
 import time
 
 import pytest
@@ -38,3 +39,35 @@ def plain_run(assets, tmp_path_factory) -> dict:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not left, f"left behind in {SHM}: {left}"
     return {"out": out, "stdout": proc.stdout, "metrics": {r["step"]: r for r in metrics(out)}}
+
+
+# -- CPU-seconds per test ------------------------------------------------------------------------
+# On CI's 2 cores the suite is CPU-bound: its wall time is about its CPU seconds / 2, whatever the order
+# or the niceness of the streams. Wall durations (--durations) mix a test's own work with its neighbours';
+# this report says where the CPU goes: user+sys of this process and of the children reaped during the
+# test (subprocesses, torchrun ranks, engines; a module fixture's processes count where they are reaped;
+# processes that a forkserver or a detached daemon started are never reaped here: a lower bound).
+_CPU: dict[str, list[float]] = {}
+
+
+def _cpu_seconds() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    cpu, wall = _cpu_seconds(), time.monotonic()
+    yield
+    _CPU[item.nodeid] = [_cpu_seconds() - cpu, time.monotonic() - wall]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CPU:
+        return
+    total = sum(c for c, _ in _CPU.values())
+    top = sorted(_CPU.items(), key=lambda kv: -kv[1][0])[:15]
+    terminalreporter.write_sep("=", f"CPU seconds: {total:.0f} in {len(_CPU)} tests (own + reaped children); "
+                                    f"session so far {_cpu_seconds():.0f}; the 15 largest")
+    for nodeid, (cpu, wall) in top:
+        terminalreporter.write_line(f"{cpu:8.1f} CPU-s {wall:8.1f} s wall  {nodeid}")

@@ -16,7 +16,7 @@ IMPORT = str(REPO / "tools" / "convert_hf_to_megatron.py")
 EXPORT = str(REPO / "tools" / "convert_megatron_to_hf.py")
 
 
-def _run(args, nproc: int = 1, timeout: float = 300):
+def _run(args, nproc: int = 1, timeout: float = 900):  # a hang guard; CI shares 2 cores among 3 streams
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = [sys.executable]
     if nproc > 1:
