@@ -7,6 +7,8 @@
 #   lane 2: .venv-mcore019 (Python 3.12, the NEWEST tested megatron-core, no vLLM): every test that needs
 #           neither vLLM nor Slurm; beside them, nice 5 (at nice 10 it got ~10% of the cores while two
 #           normal-priority streams ran, and a conversion CLI ran past its 300 s guard in CI).
+# Lane 2's environment (.venv-mcore019) is built by its own stream (tools/setup_env_mcore019.sh, a no-op once
+# built), so a fresh clone's `make test` installs it while lane 1's first tests already run.
 # Background streams keep their output in a log printed when the foreground stream is done.
 # Why side by side on 2 cores: the end-to-end tests keep a core busy only part of their time (process
 # start-up, waits on engines, signals, Slurm), and the Megatron-side streams fill those gaps; one after the
@@ -39,6 +41,12 @@ run_stream() {
   [ -n "${4:-}" ] && sel=(-m "$4")
   local split=0; [ "${TARGETS[*]}" = tests ] && [ "$SPLIT" = 1 ] && split=1
   [ "$name" = 1e ] && [ "$split" = 1 ] && for f in "${E2E_IN_1M[@]}"; do extra+=("--ignore=$f"); done
+  if [ "$name" = 2 ]; then  # lane 2 builds its environment itself (idempotent), beside lane 1's first tests
+    start=$(date +%s)
+    bash tools/setup_env_mcore019.sh < /dev/null \
+      || { echo "test_lanes: 2: tools/setup_env_mcore019.sh failed" >&2; echo "$name 1 0 ?" > "$LOGDIR/$name.result"; return 1; }
+    echo "=== test stream 2: environment ready in $(( $(date +%s) - start )) s"
+  fi
   ver=$(versions "$py") || { echo "test_lanes: $name: $py does not run (make setup / setup-mcore019)" >&2
                              echo "$name 1 0 ?" > "$LOGDIR/$name.result"; return 1; }
   echo "=== test stream $name: $ver ${sel[*]:+(${sel[*]})}"
