@@ -60,6 +60,7 @@ def test_composition_order_and_overrides(tmp_path, base_args):
         (["algorithm.loss_agg=mean"], "algorithm.loss_agg='mean' is not one of"),
         (["algorithm.reference=none"], "algorithm.reference=none needs algorithm.kl_coef=0"),
         (["algorithm.dual_clip=0.5"], "algorithm.dual_clip=0.5 must be > 1"),
+        (["algorithm.logprob_micro_batch_size=0"], "algorithm.logprob_micro_batch_size=0 must be > 0"),
         (["rollout.max_new_tokens=0"], "rollout.max_new_tokens=0 must be > 0"),
         (["data.max_prompt_length=-1"], "data.max_prompt_length=-1 must be > 0"),
         (["optimizer.warmup_ratio=1.5"], "optimizer.warmup_ratio=1.5"),

@@ -164,7 +164,7 @@ def test_disaggregated_engine_matches_colocated(assets, usr1_disaggregated, tmp_
 @pytest.mark.parametrize("options", [
     ["algorithm.kl_coef=0.04", "algorithm.reference=swap", "algorithm.dynamic_sampling=true",
      "algorithm.overlong_filtering=true", "algorithm.importance_sampling=token", "algorithm.update_epochs=2",
-     "algorithm.mini_batches=2", "algorithm.dual_clip=3.0"],
+     "algorithm.mini_batches=2", "algorithm.dual_clip=3.0", "algorithm.logprob_micro_batch_size=24"],
     ["algorithm.kl_coef=0.04", "algorithm.reference=copy", "algorithm.kl_in_reward=true",
      "algorithm.loss_agg=seq-mean-token-mean", "algorithm.adv_scale=batch", "algorithm.leave_one_out=true",
      "optimizer.scheduler=cosine", "optimizer.warmup_ratio=0.5"],

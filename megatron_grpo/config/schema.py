@@ -91,6 +91,11 @@ class AlgorithmConfig:
     update_epochs: int = 1  # mu: optimisation passes over each batch
     mini_batches: int = 1  # optimizer steps per pass
     micro_batch_size: int = 4  # sequences per forward/backward
+    # rows per micro-batch of the forward-only passes (old-policy and reference logprobs): they keep no
+    # activations for a backward, so they fit more rows than training (NeMo-RL's logprob_batch_size, veRL's
+    # log_prob_micro_batch_size_per_gpu); null = micro_batch_size. Not used with max_tokens_per_microbatch
+    # (the token budget plans those passes too)
+    logprob_micro_batch_size: Optional[int] = None
     # token-budget micro-batches (veRL dynamic batch size / NeMo-RL dynamic batching): rows grouped longest
     # first under this many padded tokens per forward/backward, each cut to its longest row, DP ranks
     # balanced by tokens; null = micro_batch_size rows padded to the batch's longest row

@@ -216,6 +216,9 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if r.async_steps and a.importance_sampling is None:
         raise ConfigError("rollout.async_steps=1 trains on samples one weight version old: set "
                           "algorithm.importance_sampling (token or sequence) to correct against the rollout's logprobs")
+    if a.logprob_micro_batch_size is not None and a.logprob_micro_batch_size <= 0:
+        raise ConfigError(f"algorithm.logprob_micro_batch_size={a.logprob_micro_batch_size} must be > 0 "
+                          "(or null for algorithm.micro_batch_size)")
     if a.max_tokens_per_microbatch is not None and a.max_tokens_per_microbatch <= 0:
         raise ConfigError(f"algorithm.max_tokens_per_microbatch={a.max_tokens_per_microbatch} must be > 0 "
                           "(or null for fixed micro_batch_size micro-batches)")
