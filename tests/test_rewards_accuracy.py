@@ -17,12 +17,21 @@ SEED_ANSWER_CONFIG = [
 ]
 
 
+# These tests are about what is parsed and verified, not about limits: math-verify's signal-based timeouts
+# count wall seconds (5 by default), which a loaded CI machine can exceed (seen: an interval gold reported
+# unparseable at a 1-minute load of 24 on 2 cores). Both sides get the same generous limits.
+LIMIT_S = 120
+LIMITS = dict(parsing_timeout=LIMIT_S, verify_timeout=LIMIT_S)
+
+
 def direct_reward(completion: str, solution: str, unparseable):
-    gold = parse(solution, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()])
+    gold = parse(solution, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()],
+                 parsing_timeout=LIMIT_S)
     if len(gold) == 0:
         return None if unparseable == "skip" else float(unparseable)
-    answer = parse(completion, extraction_config=SEED_ANSWER_CONFIG, extraction_mode="first_match")
-    return float(verify(gold, answer))
+    answer = parse(completion, extraction_config=SEED_ANSWER_CONFIG, extraction_mode="first_match",
+                   parsing_timeout=LIMIT_S)
+    return float(verify(gold, answer, timeout_seconds=LIMIT_S))
 
 
 # (completion, gold solution)
@@ -94,7 +103,7 @@ def test_enough_varied_cases():
 
 @pytest.mark.parametrize("policy", ["skip", 1.0, 0.0])
 def test_accuracy_reward_matches_math_verify(policy):
-    reward = make_accuracy_reward(unparseable_gold=policy)
+    reward = make_accuracy_reward(unparseable_gold=policy, **LIMITS)
     completions = [c for c, _ in CASES]
     solutions = [s for _, s in CASES]
     got = reward(completions, solutions=solutions)
@@ -109,7 +118,7 @@ def test_accuracy_reward_matches_math_verify(policy):
 
 
 def test_known_values():
-    reward = make_accuracy_reward()
+    reward = make_accuracy_reward(**LIMITS)
     got = reward(["\\boxed{0.5}", "\\boxed{7}", "The answer is 8", "\\boxed{8}"],
                  solutions=["$\\frac{1}{2}$", "$8$", "$8$", "nothing"])
     assert got == [1.0, 0.0, 0.0, None]

@@ -12,7 +12,9 @@
 # Background streams keep their output in a log printed when the foreground stream is done.
 # Why side by side on 2 cores: the end-to-end tests keep a core busy only part of their time (process
 # start-up, waits on engines, signals, Slurm), and the Megatron-side streams fill those gaps; one after the
-# other the lanes took 75 min in CI, lane 1 as one stream beside lane 2 85 min.
+# other the lanes took 75 min in CI, lane 1 as one stream beside lane 2 85 min. The suite is CPU-bound: a fresh
+# clone's `.ci/run` took 69.6 min (4177 s: setup 4.3 min, streams 65.3 min) with ~6300 CPU-s counted by the
+# conftest report (1e 3004, 1m 758 + 1538, lane 2 1025): the end-to-end tests are ~72% of it.
 # LANES_SEQUENTIAL=1: lanes one after the other, lane 1 as one stream. LANE1_SPLIT=0: lane 1 as one stream.
 # LANES=1 or LANES=2 runs one lane only.
 # Extra arguments go to every pytest run (test paths among them replace the default `tests`). pytest's
