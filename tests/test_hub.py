@@ -145,12 +145,16 @@ def test_gsm8k_gold_accuracy_matches_math_verify_called_directly():
     rows[3]["answer"] = rows[3]["answer"].replace("#### 1000", "#### 1,000")  # GSM8K writes some with commas
     completions = [c for c, _ in GSM8K_COMPLETIONS]
     solutions = [r["answer"] for r in rows]
-    ours = build_reward("accuracy", gold="gsm8k")(completions, solutions=solutions)
+    # generous math-verify limits on both sides: this is about what is parsed (its 5 s default counts wall
+    # time, which a loaded CI machine can exceed)
+    ours = build_reward("accuracy", gold="gsm8k", parsing_timeout=120, verify_timeout=120)(completions,
+                                                                                          solutions=solutions)
     expected = []
     for completion, solution in zip(completions, solutions):
         final = solution.split("####")[-1].strip().replace(",", "")
-        gold = parse(f"${final}$")
-        expected.append(float(verify(gold, parse(completion, extraction_config=answer_extraction_config()))))
+        gold = parse(f"${final}$", parsing_timeout=120)
+        answer = parse(completion, extraction_config=answer_extraction_config(), parsing_timeout=120)
+        expected.append(float(verify(gold, answer, timeout_seconds=120)))
     assert ours == expected, (ours, expected)
     assert ours[:3] == [1.0, 0.0, 1.0] and ours[6] == 0.0 and sum(ours) >= 5
     # today's default (LaTeX gold, the seed) reads no gold from a GSM8K answer: skipped, not scored
