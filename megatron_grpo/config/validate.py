@@ -193,9 +193,9 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     """Run every cross-field check; returns derived facts (model shape, world size, DP size)."""
     _check_choices(cfg)
     _positive(cfg, "parallel.tp", "parallel.pp", "parallel.ep", "rollout.tp", "rollout.max_new_tokens", "data.max_prompt_length",
-              "algorithm.num_prompts_per_step", "algorithm.micro_batch_size", "algorithm.update_epochs",
-              "algorithm.mini_batches", "optimizer.lr", "rewards.timeout_s", "rewards.num_workers",
-              "parallel.timeout_s", "rollout.sync_bucket_mb", "rollout.kv_cache_memory_mb")
+              "algorithm.num_prompts_per_step", "algorithm.micro_batch_size", "algorithm.logprob_micro_batch_size",
+              "algorithm.update_epochs", "algorithm.mini_batches", "optimizer.lr", "rewards.timeout_s",
+              "rewards.num_workers", "parallel.timeout_s", "rollout.sync_bucket_mb", "rollout.kv_cache_memory_mb")
     _positive(cfg, "algorithm.kl_coef", "algorithm.entropy_coef", "optimizer.clip_grad", "optimizer.weight_decay",
               "trainer.eval_steps", "checkpoint.save_steps", "rollout.temperature", allow_zero=True)
     _positive(cfg, "trainer.log_every")
@@ -216,9 +216,6 @@ def validate(cfg: DictConfig, *, check_paths: bool = True) -> dict:
     if r.async_steps and a.importance_sampling is None:
         raise ConfigError("rollout.async_steps=1 trains on samples one weight version old: set "
                           "algorithm.importance_sampling (token or sequence) to correct against the rollout's logprobs")
-    if a.logprob_micro_batch_size is not None and a.logprob_micro_batch_size <= 0:
-        raise ConfigError(f"algorithm.logprob_micro_batch_size={a.logprob_micro_batch_size} must be > 0 "
-                          "(or null for algorithm.micro_batch_size)")
     if a.max_tokens_per_microbatch is not None and a.max_tokens_per_microbatch <= 0:
         raise ConfigError(f"algorithm.max_tokens_per_microbatch={a.max_tokens_per_microbatch} must be > 0 "
                           "(or null for fixed micro_batch_size micro-batches)")

@@ -222,8 +222,9 @@ def grpo_step(cfg, *, step, data, sampler, engine, scorer, policy, bridge, layou
     # 2. logprobs of the completions under the policy that generated them, and the reference
     rows = dp_shard_rows(len(rollout), layout, mask, a.max_tokens_per_microbatch)
     ids, shard_mask = tensors.input_ids[rows], mask[rows]
-    lp_kwargs = dict(micro_batch_size=a.logprob_micro_batch_size or a.micro_batch_size, temperature=cfg.rollout.temperature,
-                     vocab_size=policy.info.vocab_size, max_tokens=a.max_tokens_per_microbatch)
+    lp_kwargs = dict(micro_batch_size=a.logprob_micro_batch_size or a.micro_batch_size,
+                     temperature=cfg.rollout.temperature, vocab_size=policy.info.vocab_size,
+                     max_tokens=a.max_tokens_per_microbatch)
     with timer("logprobs"):
         r3 = [rollout.routed_experts[i] for i in torch.arange(len(rollout))[rows].tolist()] \
             if rollout.routed_experts else None  # R3: the rollout engine's experts of this shard
