@@ -10,7 +10,7 @@ VENV=${VENV:-.venv-mcore019}
 PYTHON=${PYTHON:-python3.12}
 CONSTRAINTS=requirements/mcore019-constraints.txt
 STAMP="$VENV/.megatron-grpo-setup"
-want=$(cat "$CONSTRAINTS" setup.py tools/setup_env_mcore019.sh | sha256sum | cut -d' ' -f1)
+want=$(cat "$CONSTRAINTS" setup.py tools/setup_env_mcore019.sh tools/venv_install.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import megatron_grpo" 2>/dev/null; then
   exit 0
 fi
@@ -21,12 +21,12 @@ fi
 "$PYTHON" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null \
   || { echo "setup_env_mcore019: $PYTHON is not a working Python 3.12 (megatron-core >= 0.17 needs 3.12; set PYTHON=...)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
-echo "setup_env_mcore019: installing Python 3.12 + megatron-core 0.19 into $VENV (first run takes a few minutes)"
-pip install -q -c "$CONSTRAINTS" torch megatron-core transformers safetensors tokenizers datasets omegaconf \
+source tools/venv_install.sh  # venv_install: uv when it can be installed (~1 min), else pip (~4 min)
+echo "setup_env_mcore019: installing Python 3.12 + megatron-core 0.19 into $VENV (first run takes a minute or a few)"
+venv_install "$VENV" -c "$CONSTRAINTS" torch megatron-core transformers safetensors tokenizers datasets omegaconf \
   math-verify numpy psutil tensorboard pytest pytest-timeout hypothesis setuptools wheel
 # The project itself, editable (torchrun subprocesses import it); its requirements are installed above.
-pip install -q --no-deps --no-build-isolation -e .
+venv_install "$VENV" --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import megatron_grpo, megatron.core, math_verify, omegaconf, datasets, transformers" 2>/dev/null \
   || { echo "setup_env_mcore019: the installed stack does not import; see the messages above" >&2; exit 1; }
 echo "$want" > "$STAMP"
