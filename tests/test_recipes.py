@@ -133,15 +133,24 @@ def test_numina_recipe_from_hub_ids_offline(tmp_path, hf_home):
 def test_qwen7b_8node_recipe(tmp_path, hf_home):
     """The 8-node recipe (TP=4 x PP=2, distributed optimizer, sequence parallel, 4 mini-batches) at
     TP=2 x PP=2 on 4 ranks: 2 steps. It sets model.sequence_parallel=true, which needs sequence
-    parallel without TransformerEngine (issue 12, item 4): the run is not told otherwise here."""
+    parallel without TransformerEngine (issue 12, item 4): the run is not told otherwise here.
+    It is also the suite's TP=2 x PP=2 layout run (tests/test_trainer_e2e.py's test_layouts_complete
+    runs TP=1 x PP=2): step-1 Megatron-vs-vLLM parity, the last step's eval, checkpoint and HF export."""
+    out = tmp_path / "run"
     proc = _train("grpo_qwen2.5_7b_8node.yaml", "trainer.max_steps=2", *SIZES, *CPU_ONLY,
-                  "parallel.tp=2", "parallel.pp=2", "rollout.tp=2", f"trainer.output_dir={tmp_path / 'run'}",
+                  "parallel.tp=2", "parallel.pp=2", "rollout.tp=2", f"trainer.output_dir={out}",
                   cwd=tmp_path, hf_home=hf_home, nproc=4)
     _ok(proc)
     assert "layout tp=2 pp=2 dp=1" in proc.stdout
-    rows = metrics(tmp_path / "run")
+    parity = next(line for line in proc.stdout.splitlines() if "step-1 logprob parity" in line)
+    assert float(parity.rsplit(":", 1)[1]) <= 1e-3, parity
+    rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["sequence_parallel"] is True
+    assert all(r["train/skipped"] == 0.0 for r in rows)
+    assert "eval/accuracy" in rows[-1]  # the run's last step evaluates
+    assert (out / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+    assert (out / "export_hf" / "model.safetensors").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["sequence_parallel"] is True
 
 
 @pytest.mark.parametrize("bad,expect", [
