@@ -1,6 +1,8 @@
 """Fixtures shared by the end-to-end test modules, and the CPU-seconds report of each pytest run."""
+import os
 import resource
 import time
+from pathlib import Path
 
 import pytest
 
@@ -9,8 +11,11 @@ from tests.e2e import SHM, leaked_shm, prepare_tiny_assets
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> list[str]:
-    """``model.path``/``data.path`` overrides of one tiny warm-started model and its data (made once)."""
-    return prepare_tiny_assets(tmp_path_factory.mktemp("assets"))
+    """``model.path``/``data.path`` overrides of one tiny warm-started model and its data (made once).
+    Under ``make test`` (tools/test_lanes.sh) every pytest run of the suite shares one folder,
+    MEGATRON_GRPO_TEST_ASSETS: the trainer's asset step builds it under a file lock and reuses it."""
+    shared = os.environ.get("MEGATRON_GRPO_TEST_ASSETS")
+    return prepare_tiny_assets(Path(shared) if shared else tmp_path_factory.mktemp("assets"))
 
 
 @pytest.fixture
