@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_connections
 from typing import Any
 
+from megatron_grpo.lifetime import set_parent_death_signal
 from megatron_grpo.rewards.registry import ResolvedReward
 
 PRELOAD_MODULES = ["megatron_grpo.rewards.registry", "math_verify", "sympy"]
@@ -65,17 +66,6 @@ class _Worker:
     ready: bool = False
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: SIGKILL this worker when its parent (the fork server, or the caller) dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def run_reward_call(reward: Any, task: RewardTask) -> list:
     """Invoke one reward stage on a task's slice (shared by workers and in-process mode)."""
     if task.stage == "per_sample":
@@ -104,7 +94,7 @@ def _worker_main(conn: Any, rewards: dict[str, ResolvedReward]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer; it closes us
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # so do scancel/timeout's group signals: the trainer still needs
         signal.signal(sig, signal.SIG_IGN)        # us for its last step; a fork server's child misses the caller's mask
-    _set_parent_death_signal()
+    set_parent_death_signal()  # Linux: SIGKILL this worker when its parent (the fork server, or the caller) dies
     for module in PRELOAD_MODULES:  # no-op under the fork server; under spawn, before "ready"
         try:
             importlib.import_module(module)

@@ -37,6 +37,7 @@ def run_training(cfg: DictConfig) -> int:
     from megatron_grpo.data.sampler import ResumablePromptSampler
     from megatron_grpo.distributed.init import destroy_distributed, init_distributed
     from megatron_grpo.trainer import components as C
+    from megatron_grpo.lifetime import forked_children_die_with_this_process
     from megatron_grpo.trainer.inputs import check_inputs
     from megatron_grpo.trainer.run_dir import start_run
     from megatron_grpo.trainer.metrics_log import MetricsLogger
@@ -44,6 +45,7 @@ def run_training(cfg: DictConfig) -> int:
 
     # Preemption handlers first: a USR1/TERM during the (slow) start-up must not kill the rank.
     preempt = PreemptionFlag()
+    forked_children_die_with_this_process()  # megatron's checkpoint writers (forked) never outlive a lost rank
     # ---- inputs, before any process group: bad input fails in seconds ------------------------------
     tokenizer, data, num_steps, context_len, run = check_inputs(cfg)  # trainer/inputs.py; writes no run output
     out_dir = Path(cfg.trainer.output_dir)
