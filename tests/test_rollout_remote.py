@@ -140,6 +140,7 @@ def _read_until(proc, text: str, timeout: float) -> str:
     return seen
 
 
+@pytest.mark.timeout(2700)
 def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
     """A wrong host name, nothing listening, a bad TP shape, a colocated config, SIGTERM while waiting,
     a trainer whose GRPO_TRANSFER_ADDR is not its own, and a server whose engine settings differ from
@@ -155,11 +156,11 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         "refused": _server_alone(tmp_path, "b", *not_yet, *common, "parallel.timeout_s=3"),
         "tp split": _server_alone(tmp_path, "c", *assets, *common, "rollout.tp=2", WORLD_SIZE=6, LOCAL_WORLD_SIZE=3),
         "colocated": _server_alone(tmp_path, "d", *assets, *COMMON),
-        "sigterm": _server_alone(tmp_path, "e", *not_yet, *common, "parallel.timeout_s=120"),
+        "sigterm": _server_alone(tmp_path, "e", *not_yet, *common, "parallel.timeout_s=600"),
         "no rendezvous": _server_alone(tmp_path, "g", *assets, *common, "rollout.tp=2", WORLD_SIZE=2,
                                        LOCAL_WORLD_SIZE=2, MASTER_ADDR="", MASTER_PORT=""),
-        "killed": _server_alone(tmp_path, "h", *assets, *common, "parallel.timeout_s=300"),  # engine up, no trainer
-        "killed alone": _server_alone(tmp_path, "i", *assets, *common, "parallel.timeout_s=300"),
+        "killed": _server_alone(tmp_path, "h", *assets, *common, "parallel.timeout_s=900"),  # engine up, no trainer
+        "killed alone": _server_alone(tmp_path, "i", *assets, *common, "parallel.timeout_s=900"),
     }
     mismatch_port = free_port()
     procs["mismatch server"] = _server_alone(tmp_path, "f", *assets, *common, "rollout.kv_cache_memory_mb=32",
@@ -174,10 +175,11 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
                                        text=True, start_new_session=True)
     engines, left = {}, {}  # killed server -> (its processes, its /dev/shm files); what remains of them
     try:
-        seen = _read_until(procs["sigterm"], "connecting to the trainer", timeout=120)
+        # generous: eleven processes start at once here, on 2 cores shared with the rest of the suite
+        seen = _read_until(procs["sigterm"], "connecting to the trainer", timeout=600)
         procs["sigterm"].send_signal(signal.SIGTERM)  # while it retries its connection
         for name in ("killed", "killed alone"):
-            _read_until(procs[name], "connecting to the trainer", timeout=300)  # its vLLM engine is up
+            _read_until(procs[name], "connecting to the trainer", timeout=900)  # its vLLM engine is up
             pids = descendants(procs[name].pid)
             engines[name] = (pids, shm_files(pids))
         kill_tree(procs["killed"].pid)
@@ -187,7 +189,7 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
             killed.wait(timeout=60)
             killed.stdout.close()
             killed.stderr.close()
-        results = {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
+        results = {name: (p.wait(timeout=900), *p.communicate()) for name, p in procs.items()}
         results["sigterm"] = (results["sigterm"][0], seen + results["sigterm"][1], results["sigterm"][2])
         deadline = time.monotonic() + 30
         while True:

@@ -1,7 +1,7 @@
 # Sourced by tools/setup_env.sh and tools/setup_env_mcore019.sh: `venv_install VENV ARGS...` installs into
 # VENV what `pip install ARGS...` would, with uv (pinned below) when it can be installed, else with pip.
 # Why uv: the same pinned set (every version comes from the constraints files) in ~1 min instead of ~4
-# (parallel downloads and unpacking, no byte-compiling of modules nobody imports); the CPU venv is the
+# (parallel downloads, unpacking and byte-compiling); the CPU venv is the
 # first thing `make demo` and `make test` wait for on a fresh machine.
 # uv reads neither pip.conf nor PIP_* variables: pip's configured find-links and extra indexes (where
 # this machine's pip finds torch's +cpu wheel, for instance) are handed to it explicitly.
@@ -24,8 +24,12 @@ venv_install() {
       case $index in file://*) [ -e "${index#file://}" ] || continue ;; esac
       extra+=(--extra-index-url "$index")
     done
-    # unsafe-best-match: like pip, take the best version from any index (uv's default stops at the first)
-    "$venv/bin/uv" pip install -q --python "$venv/bin/python" --index-strategy unsafe-best-match "${extra[@]}" "$@"
+    # unsafe-best-match: like pip, take the best version from any index (uv's default stops at the first).
+    # --compile-bytecode: like pip, write the .pyc files now; else the suite's first processes, a dozen
+    # starting at once, each compile torch, vLLM and megatron-core themselves (seen: an engine start
+    # past a 300 s guard).
+    "$venv/bin/uv" pip install -q --python "$venv/bin/python" --index-strategy unsafe-best-match --compile-bytecode \
+      "${extra[@]}" "$@"
   else
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"
   fi
