@@ -33,7 +33,7 @@ def _under_launcher() -> bool:
 def _relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     """`megatron-grpo train --nproc-per-node N ...` on one machine = torchrun of the same command
     (``megatron_grpo.launch``: torchrun without its own traceback when a rank fails)."""
-    from megatron_grpo.testing.torchrun import free_port
+    from megatron_grpo.distributed.ports import free_port
 
     cmd = [sys.executable, "-m", "megatron_grpo.launch", f"--nproc-per-node={nproc}", "--max-restarts=0",
            "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_grpo.cli", *argv]

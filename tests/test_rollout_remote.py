@@ -5,9 +5,7 @@ with GRPO_ROLE=rollout and its own RANK/WORLD_SIZE; the trainer is a 2-rank torc
 listens at GRPO_TRANSFER_ADDR:GRPO_TRANSFER_PORT. Real vLLM, real megatron-core, real rewards.
 """
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -54,23 +52,9 @@ def _trainer(port: int, rollout_world: int, overrides, timeout=600) -> subproces
     return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
 
 
-def _transfer_port() -> int:
-    """A free port below the ephemeral range: the servers' vLLM processes open many ephemeral sockets
-    before the trainer listens, and one of them must not take the transfer port meanwhile."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.Random().sample(range(max(1024, low - 8000), low), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return free_port()
-
-
 def _remote_run(tmp_path, name: str, servers: int, overrides, **server_env):
     """Start `servers` rollout ranks and the 2-rank trainer; returns (trainer, [(rc, log)], seconds)."""
-    port = _transfer_port()
+    port = free_port()  # below the ephemeral range: the servers' vLLM processes open many sockets first
     procs = [_server(r, servers, port, overrides, tmp_path / f"{name}_server{r}.log", **server_env)
              for r in range(servers)]
     t0 = time.monotonic()

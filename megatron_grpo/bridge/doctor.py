@@ -155,7 +155,7 @@ def _relaunch(args, argv) -> int:
 
 
 def _free_port() -> int:
-    from megatron_grpo.rollout.transfer_group import free_port
+    from megatron_grpo.distributed.ports import free_port
 
     return free_port()
 

@@ -8,17 +8,12 @@ use). Rank 0 is always the trainer sender; workers take ranks ``rank_offset + wo
 """
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from megatron_grpo.distributed.ports import free_port  # noqa: F401  (re-exported: remote.py, disaggregated.py)
 
 
 class TransferGroup:

@@ -16,22 +16,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from megatron_grpo.distributed.ports import free_port  # noqa: F401  (re-exported for the tests)
 from megatron_grpo.testing import torchrun_pool
 
 DEFAULT_TIMEOUT = float(os.environ.get("MEGATRON_GRPO_DIST_TIMEOUT", "600"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, n_chars: int = 6000, offset: int = 0) -> str:
