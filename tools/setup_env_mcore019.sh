@@ -21,7 +21,7 @@ fi
 "$PYTHON" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null \
   || { echo "setup_env_mcore019: $PYTHON is not a working Python 3.12 (megatron-core >= 0.17 needs 3.12; set PYTHON=...)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-source tools/venv_install.sh  # venv_install: uv when it can be installed (~1 min), else pip (~4 min)
+source tools/venv_install.sh  # venv_install: uv when it can be installed (~2 min), else pip (~4 min)
 echo "setup_env_mcore019: installing Python 3.12 + megatron-core 0.19 into $VENV (first run takes a minute or a few)"
 venv_install "$VENV" -c "$CONSTRAINTS" torch megatron-core transformers safetensors tokenizers datasets omegaconf \
   math-verify numpy psutil tensorboard pytest pytest-timeout hypothesis setuptools wheel
