@@ -129,7 +129,7 @@ def _lose_rank_1_during_a_save(overrides: list[str], run_dir: Path, log: Path) -
         if proc.poll() is None:
             kill_tree(proc.pid)
     # nothing of the job outlives it: helpers are immune to SIGTERM and used to stay as orphans; megatron's
-    # forked checkpoint writers stayed blocked on their queue for good (platform: megatron_grpo/lifetime.py)
+    # forked checkpoint writers stayed blocked on their queue for good (fixed by megatron_grpo/lifetime.py)
     deadline = time.monotonic() + 30
     while (alive(job) or _processes_of(run_dir)) and time.monotonic() < deadline:
         time.sleep(0.5)

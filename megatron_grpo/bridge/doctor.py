@@ -23,6 +23,8 @@ import sys
 
 import torch
 
+from megatron_grpo.distributed.ports import free_port
+
 DEFAULT_QUESTIONS = ["What is 3 + 4?", "What is 7 * 8?", "Name a prime number.", "What is 9 - 5?"]
 
 
@@ -149,15 +151,9 @@ def _parser() -> argparse.ArgumentParser:
 def _relaunch(args, argv) -> int:
     world = math.lcm(args.tp * args.pp * args.ep, args.rollout_tp if args.placement == "colocated" else 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--nnodes=1",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
            "-m", "megatron_grpo.bridge.doctor", *argv]
     return subprocess.call(cmd)
-
-
-def _free_port() -> int:
-    from megatron_grpo.distributed.ports import free_port
-
-    return free_port()
 
 
 def default_context_length(model_dir: str, cap: int = 1024) -> int:

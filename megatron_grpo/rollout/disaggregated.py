@@ -34,11 +34,12 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_grpo.distributed.ports import free_port
 from megatron_grpo.platform import detect
 from megatron_grpo.rollout.config import EngineConfig, engine_kwargs
 from megatron_grpo.rollout.engine import VLLMRunner, preserve_rng
 from megatron_grpo.rollout.packing import pack_bucket
-from megatron_grpo.rollout.transfer_group import TransferGroup, free_port
+from megatron_grpo.rollout.transfer_group import TransferGroup
 from megatron_grpo.rollout.types import RolloutBatch, SamplingConfig
 
 log = logging.getLogger(__name__)

@@ -28,13 +28,14 @@ from typing import Iterable, Sequence
 
 import torch
 
+from megatron_grpo.distributed.ports import free_port
 from megatron_grpo.platform import detect
 from megatron_grpo.rollout import control
 from megatron_grpo.rollout.config import EngineConfig
 from megatron_grpo.rollout.disaggregated import DriverOwnedEngine, FsWeightWriter, transfer_backend
 from megatron_grpo.rollout.engine import chunk_bounds
 from megatron_grpo.rollout.packing import pack_bucket
-from megatron_grpo.rollout.transfer_group import TransferGroup, free_port
+from megatron_grpo.rollout.transfer_group import TransferGroup
 from megatron_grpo.rollout.types import RolloutBatch, SamplingConfig
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_grpo.distributed.ports import free_port  # noqa: F401  (re-exported: remote.py, disaggregated.py)
-
 
 class TransferGroup:
     def __init__(self, backend: str, rank: int, world_size: int, pg=None, comm=None, store=None):

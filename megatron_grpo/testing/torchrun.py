@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from megatron_grpo.distributed.ports import free_port  # noqa: F401  (re-exported for the tests)
+from megatron_grpo.distributed.ports import free_port
 from megatron_grpo.testing import torchrun_pool
 
 DEFAULT_TIMEOUT = float(os.environ.get("MEGATRON_GRPO_DIST_TIMEOUT", "600"))
