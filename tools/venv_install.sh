@@ -14,10 +14,14 @@ _pip_setting() {  # the value of a pip setting: PIP_<NAME> if set, else `pip con
   echo "$value"
 }
 
+_use_uv() {  # uv for VENV: not turned off, and already there or installable by the venv's pip
+  [ "${MEGATRON_GRPO_USE_PIP:-0}" != 1 ] && { [ -x "$1/bin/uv" ] \
+    || "$1/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION" >/dev/null 2>&1; }
+}
+
 venv_install() {
   local venv=$1; shift
-  if [ "${MEGATRON_GRPO_USE_PIP:-0}" != 1 ] && { [ -x "$venv/bin/uv" ] \
-       || "$venv/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION" >/dev/null 2>&1; }; then
+  if _use_uv "$venv"; then
     local extra=() link index
     for link in $(_pip_setting "$venv" find-links); do [ -e "$link" ] && extra+=(--find-links "$link"); done
     for index in $(_pip_setting "$venv" extra-index-url); do
@@ -37,6 +41,6 @@ venv_install() {
 
 venv_uninstall() {
   local venv=$1; shift
-  if [ -x "$venv/bin/uv" ]; then "$venv/bin/uv" pip uninstall -q --python "$venv/bin/python" "$@"
+  if _use_uv "$venv"; then "$venv/bin/uv" pip uninstall -q --python "$venv/bin/python" "$@"
   else "$venv/bin/python" -m pip uninstall -q -y --disable-pip-version-check "$@"; fi
 }
