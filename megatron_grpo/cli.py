@@ -187,5 +187,7 @@ def _ranks_started() -> bool:
     return bool(dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # how torchrun, srun and the tests start every rank
+    from megatron_grpo.lifetime import exit_without_teardown
+
+    exit_without_teardown(main())

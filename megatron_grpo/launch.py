@@ -85,5 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # torchrun itself (imports torch): no interpreter teardown either
+    from megatron_grpo.lifetime import exit_without_teardown
+
+    exit_without_teardown(main())

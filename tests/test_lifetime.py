@@ -46,3 +46,44 @@ def _fork_then_kill_parent(mode: str) -> tuple[int, bool]:
 def test_forked_children_die_with_their_parent_only_once_installed():
     assert _fork_then_kill_parent("install")[1], "the forked child outlived its SIGKILLed parent"
     assert not _fork_then_kill_parent("plain")[1], "without the handler the child should have stayed (control)"
+
+
+ENDING = r"""
+import atexit, multiprocessing, sys, time
+from pathlib import Path
+out = Path(sys.argv[2])
+
+class Teardown:  # a module global's finaliser runs only in the interpreter's teardown
+    def __del__(self):
+        out.joinpath("teardown").write_text("ran")
+
+keep = Teardown()
+atexit.register(lambda: out.joinpath("atexit").write_text("ran"))
+if __name__ == "__main__":
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,), daemon=True)
+    child.start()  # multiprocessing's own atexit handler ends daemonic children
+    out.joinpath("child").write_text(str(child.pid))
+    print("unflushed", end="")  # in the pipe's buffer until someone flushes stdout
+    if sys.argv[1] == "fast":
+        from megatron_grpo.lifetime import exit_without_teardown
+        exit_without_teardown(3)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["fast", "normal"])
+def test_exit_without_teardown_is_a_normal_exit_less_the_teardown(tmp_path, mode):
+    """Exit code, atexit handlers (multiprocessing ends its children there), flushed output: as sys.exit;
+    the interpreter's teardown (finalisers of module globals, whole-heap garbage collection) is skipped.
+    ``normal`` is the control: the same script ending with sys.exit does run the teardown."""
+    proc = subprocess.run([sys.executable, "-c", ENDING, mode, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "unflushed"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    child = int((tmp_path / "child").read_text())
+    deadline = time.monotonic() + 10
+    while alive([child]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive([child]), "multiprocessing's atexit handler did not end the daemonic child"
+    assert (tmp_path / "teardown").exists() == (mode == "normal")
