@@ -97,6 +97,47 @@ def kill9_at_step(cmd: list[str], run_dir: Path, kill_at: int) -> int:
     return int(saved[-1].split("_")[1])
 
 
+def start_run(args, log_path: Path, nproc: int = 1) -> subprocess.Popen:
+    """Start a training run in a process group (session) of its own, as a job step or a shell's foreground job
+    is, so that ``os.killpg(proc.pid, sig)`` is what Slurm's scancel, `timeout` or Ctrl-C does. Output goes to
+    ``log_path`` (a file, not a pipe nobody reads while waiting: it would block the run)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(train_cmd(*args, nproc=nproc), cwd=REPO, env=env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log_path = log_path
+    return proc
+
+
+def finish_run(proc: subprocess.Popen, timeout: float = 900) -> str:
+    proc.wait(timeout=timeout)
+    return proc.log_path.read_text()
+
+
+def wait_for_run(proc: subprocess.Popen, ready, what: str, timeout: float = 1500) -> None:
+    """Poll ``ready()`` while the run started by start_run goes on; fail with its log if it ends first."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            kill_tree(proc.pid)
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (exit {proc.returncode}) before {what}:\n{proc.log_path.read_text()[-3000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+        time.sleep(0.05)
+
+
+def saved_step(log: str, signum: int) -> int:
+    """The step whose checkpoint the run saved on preemption signal ``signum`` (the trainer's own line)."""
+    import re
+
+    found = re.search(rf"preemption signal {signum}: checkpoint of step (\d+) saved", log)
+    assert found, log[-3000:]
+    return int(found.group(1))
+
+
 def shm_inodes(pids=None) -> set[tuple[int, int]]:
     """(st_dev, st_ino) of the /dev/shm files that these processes (None: every process) map, by
     name or under a name already gone (glibc maps a semaphore under its temporary name)."""
