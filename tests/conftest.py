@@ -51,7 +51,8 @@ def plain_run(assets, tmp_path_factory) -> dict:
 # or the niceness of the streams. Wall durations (--durations) mix a test's own work with its neighbours';
 # this report says where the CPU goes: user+sys of this process and of the children reaped during the
 # test (subprocesses, torchrun ranks, engines; a module fixture's processes count where they are reaped;
-# processes that a forkserver or a detached daemon started are never reaped here: a lower bound).
+# processes that a forkserver or a detached daemon started are never reaped here: a lower bound). The warm
+# torchrun pools serve many tests and end after the report: their CPU is added to the session's total.
 _CPU: dict[str, list[float]] = {}
 
 
@@ -67,12 +68,30 @@ def pytest_runtest_protocol(item, nextitem):
     _CPU[item.nodeid] = [_cpu_seconds() - cpu, time.monotonic() - wall]
 
 
+def _live_descendants_cpu_seconds() -> tuple[int, float]:
+    """Processes still running under this one (the warm torchrun pools, megatron_grpo.testing.torchrun_pool,
+    serve many tests and are reaped only after the report) and what they used so far, their own reaped
+    children included."""
+    from tests.e2e import descendants
+
+    tick, total, pids = os.sysconf("SC_CLK_TCK"), 0.0, descendants(os.getpid())
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    return len(pids), total
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _CPU:
         return
     total = sum(c for c, _ in _CPU.values())
     top = sorted(_CPU.items(), key=lambda kv: -kv[1][0])[:15]
+    live, live_cpu = _live_descendants_cpu_seconds()
     terminalreporter.write_sep("=", f"CPU seconds: {total:.0f} in {len(_CPU)} tests (own + reaped children); "
-                                    f"session so far {_cpu_seconds():.0f}; the 15 largest")
+                                    f"session so far {_cpu_seconds():.0f}, + {live_cpu:.0f} in {live} live "
+                                    f"helper processes (warm pools); the 15 largest")
     for nodeid, (cpu, wall) in top:
         terminalreporter.write_line(f"{cpu:8.1f} CPU-s {wall:8.1f} s wall  {nodeid}")
