@@ -29,8 +29,8 @@ NOT_E2E="not vllm and not slurm"
 versions() { "$1" -c "import sys, importlib.metadata as m; print(f'Python {sys.version.split()[0]}, megatron-core {m.version(\"megatron-core\")}, torch {m.version(\"torch\")}')"; }
 
 # The end-to-end tests of lane 1 as a queue of pytest runs, roughly largest first (wall seconds in the fresh-clone
-# run of 2026-12-02, in this order: 708 616 552 845 479 524 702 486 293 360 341 148 210; the three streams ended
-# within 140 s of each other); files that share a module or session fixture stay together (test_group_signals and
+# run of 2026-12-02 08:19, 2905 s in all, in this order: 590 406 418 730 436 401 593 365 245 250 241 127 142; the
+# three streams ended within 90 s of each other); files that share a module or session fixture stay together (test_group_signals and
 # test_resume_branch share `plain_run`; the Slurm files share the test cluster). REST: every other test marked
 # `vllm` or `slurm`, so a new end-to-end file is never left out.
 E2E_CHUNKS=(
