@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 PR_SET_PDEATHSIG = 1
 _fork = {"parent": 0, "main_thread": False}
@@ -54,7 +55,7 @@ def forked_children_die_with_this_process() -> None:
         _installed = True
 
 
-def exit_without_teardown(code: int):
+def exit_without_teardown(code: int) -> NoReturn:
     """End the process with ``code`` as a normal exit would, less the interpreter's teardown.
 
     A normal exit first runs the atexit handlers (multiprocessing ends and joins its children there,
