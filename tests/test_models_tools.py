@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_grpo.testing.torchrun import free_port
+from megatron_grpo.distributed.ports import free_port
 from tests.dist.models_fixtures import make_test_models
 
 REPO = Path(__file__).resolve().parents[1]

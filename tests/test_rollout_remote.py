@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_grpo.testing.torchrun import free_port
+from megatron_grpo.distributed.ports import free_port
 from tests.e2e import (CONFIG, REPO, SHM, alive, descendants, env, error_lines, kill_tree, metrics, run_train,
                        shm_files, train_cmd)
 

@@ -30,9 +30,9 @@ versions() { "$1" -c "import sys, importlib.metadata as m; print(f'Python {sys.v
 
 # The end-to-end tests of lane 1 as a queue of pytest runs, roughly largest first (wall seconds in the fresh-clone
 # run of 2026-12-02 08:19, 2905 s in all, in this order: 590 406 418 730 436 401 593 365 245 250 241 127 142; the
-# three streams ended within 90 s of each other); files that share a module or session fixture stay together (test_group_signals and
-# test_resume_branch share `plain_run`; the Slurm files share the test cluster). REST: every other test marked
-# `vllm` or `slurm`, so a new end-to-end file is never left out.
+# three streams ended within 90 s of each other); files that share a module or session fixture stay together
+# (test_group_signals and test_resume_branch share `plain_run`; the Slurm files share the test cluster). REST:
+# every other test marked `vllm` or `slurm`, so a new end-to-end file is never left out.
 E2E_CHUNKS=(
   "tests/test_rollout_remote.py"
   "tests/test_group_signals.py tests/test_resume_branch.py"
