@@ -139,7 +139,10 @@ def test_bad_policy_and_missing_solutions_rejected():
 def test_manager_workers_agree_with_in_process():
     completions = [c for c, _ in CASES]
     solutions = [s for _, s in CASES]
-    with RewardManager([{"name": "accuracy", "on_none": "exclude"}], num_workers=2, timeout_s=30) as manager:
+    # the same generous math-verify limits as the direct calls (CI failed once with the 5 s defaults: a loaded
+    # worker reported "Timeout during parsing" and scored a correct interval 0.0); the hard per-call limit above them
+    spec = {"name": "accuracy", "on_none": "exclude", "params": LIMITS}
+    with RewardManager([spec], num_workers=2, timeout_s=4 * LIMIT_S) as manager:
         result = manager.compute(completions, solutions=solutions)
     expected = [direct_reward(c, s, "skip") for c, s in CASES]
     assert result.rewards["accuracy"] == expected
