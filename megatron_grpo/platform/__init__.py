@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_compat import cpu_compat_enabled, enable_cpu_compat
+from .cpu_compat import cpu_compat_enabled, cpu_compat_paused, enable_cpu_compat
 
-__all__ = ["Platform", "detect", "setup_platform", "enable_cpu_compat", "cpu_compat_enabled"]
+__all__ = ["Platform", "detect", "setup_platform", "enable_cpu_compat", "cpu_compat_enabled", "cpu_compat_paused"]
 
 
 def _version(dist: str) -> str | None:
