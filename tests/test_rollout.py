@@ -176,3 +176,55 @@ def test_colocated_generation_groups_seeds_stops_and_scores(qwen2_dir):
         scored = r0["scores"][i][len(p) - 1:]
         assert max(abs(x - y) for x, y in zip(scored, lp)) < 1e-4
     assert r0["allreduce"] == 3.0  # the trainer's default group still works
+
+
+def _sentencepiece_like_model(out):
+    """A tiny Llama with a Llama-style tokenizer: word-start "▁" whose space the decoder strips at the start of a
+    text, and byte fallback (a character can span several tokens), the two cases where decoding a completion
+    needs the prompt as context."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_grpo.models.tiny import (CHAT_TEMPLATE, SPECIAL_TOKENS, TAG_TOKENS, TinyModelSpec, _tokenizer_corpus,
+                                           make_tiny_model)
+
+    out = make_tiny_model(out, TinyModelSpec(arch="llama"))  # (a qwen2 config gets Qwen2's byte-level tokenizer class)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (out / f).unlink(missing_ok=True)
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainers.BpeTrainer(
+        vocab_size=448 - len(TAG_TOKENS), special_tokens=SPECIAL_TOKENS + byte_tokens, show_progress=False))
+    tok.add_tokens(TAG_TOKENS)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("tokenizer", ["byte_level", "sentencepiece_like"])
+def test_texts_equal_vllm_detokenizer(qwen2_dir, tokenizer, tmp_path):
+    """vLLM's detokenizer is off (its per-token Python work is serial with a colocated engine's model); the
+    texts the rewards see, decoded afterwards in one batch, equal vLLM's own, character for character: at
+    temperature 1.5 with a tenth of the vocabulary as stop tokens (stops and length cut-offs, split UTF-8
+    characters, special tokens), with and without special tokens and the stop token's text."""
+    model_dir = qwen2_dir if tokenizer == "byte_level" else _sentencepiece_like_model(tmp_path / "sp")
+    prompts = ["What is 3 + 4?", "The quick brown", "Let me think step by step.", "é 漢字 ok"]
+    result = run_distributed("tests.dist.rollout_bodies:texts_match_vllm_detokenizer", 1,
+                             kwargs={"model_dir": model_dir, "prompts": prompts,
+                                     "stop_token_ids": list(range(300, 345))})[0]
+    for case, r in result.items():
+        assert r["tokens"] == r["vllm_tokens"], case  # the same samples: only the detokenization differs
+        assert r["ours"] == r["vllm"], case
+        assert {"stop", "length"} <= set(r["finish"]), case  # both ends are exercised
+    # the cases differ where they should: the stop token's text is in or out
+    assert result["False-True"]["ours"] != result["False-False"]["ours"]
+    # and the samples need what decode_completions does: the naive decode of each completion alone differs
+    r = result["True-True"]
+    differ = [(a, v) for a, v in zip(r["alone"], r["vllm"]) if a != v]
+    assert differ, "no completion where context or a split character matters: the test would not catch it"
+    if tokenizer == "sentencepiece_like":  # the word-start space the decoder strips at the start of a text
+        assert any(v == " " + a for a, v in differ), differ[:4]

@@ -39,3 +39,33 @@ def colocated_generate(model_dir: str, rollout_tp: int, prompts: list, group: in
     dist.all_reduce(x)
     return {"a": _summ(a), "b": _summ(b), "c": _summ(c), "stopped": _summ(stopped),
             "scores": scores, "allreduce": float(x), "dp": engine.dp, "replica": engine.replica}
+
+
+def texts_match_vllm_detokenizer(model_dir: str, prompts: list, stop_token_ids: list) -> dict:
+    """Our texts (vLLM's detokenizer off, ``decode_completions``) against vLLM's own incremental detokenizer on
+    the same samples, for every (skip_special_tokens, include_stop_str_in_output)."""
+    from megatron_grpo.distributed.init import init_distributed
+    from megatron_grpo.rollout import ColocatedEngine, EngineConfig, SamplingConfig, prompt_seed
+    from megatron_grpo.rollout.engine import to_sampling_params
+
+    init_distributed(tp=1, pp=1)
+    engine = ColocatedEngine(EngineConfig(model=model_dir, max_model_len=256, kv_cache_memory_bytes=32 << 20))
+    out = {}
+    for skip in (False, True):
+        for include in (True, False):
+            sampling = SamplingConfig(n=8, temperature=1.5, max_tokens=24, stop_token_ids=tuple(stop_token_ids),
+                                      skip_special_tokens=skip, include_stop_str_in_output=include)
+            ours = engine.generate(prompts, sampling, seed=5)
+            params = []
+            for i in range(len(prompts)):
+                params.append(to_sampling_params(sampling, prompt_seed(5, i, sampling.n), detokenize=True))
+            theirs = engine.llm.generate(prompts, params, use_tqdm=False)
+            completions = [c for req in theirs for c in sorted(req.outputs, key=lambda c: c.index)]
+            tokenizer = engine.llm.get_tokenizer()
+            out[f"{skip}-{include}"] = {"ours": ours.completion_texts, "tokens": ours.completion_token_ids,
+                                        "finish": ours.finish_reasons,
+                                        "alone": [tokenizer.decode(t, skip_special_tokens=skip)
+                                                  for t in ours.completion_token_ids],
+                                        "vllm": [c.text for c in completions],
+                                        "vllm_tokens": [list(c.token_ids) for c in completions]}
+    return out
