@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-CODE = ("import sys; from megatron_grpo.errors import report; "
+CODE = ("import sys; from megatron_grpo.errors import report; print('reporting', flush=True); "
         "code = report(ValueError('model.path: no such folder\\nsecond line')); print('returned', code, flush=True)")
 
 
@@ -28,7 +28,8 @@ def test_rank0_reports_one_line_and_returns_at_once():
 
 def test_other_ranks_wait_for_the_launcher_and_its_stop_ends_them():
     proc = _start("1", "2")
-    time.sleep(3)  # imports done, in the wait
+    assert proc.stdout.readline() == "reporting\n"  # imports done (however loaded the machine), report called
+    time.sleep(1)
     assert proc.poll() is None, "rank 1 left before rank 0 could report"
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)  # what torchrun does once rank 0 has exited
