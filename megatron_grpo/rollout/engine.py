@@ -135,12 +135,9 @@ def decode_completions(tokenizer, prompts: Sequence[Sequence[int]], completions:
     the stepwise result unless a replacement character shows up; those completions replay the same stream.
     """
     ids = [list(c)[:-1] if drop else list(c) for c, drop in zip(completions, drop_last)]
-    prompt_text = {}  # G completions share one prompt
-    for p in prompts:
-        prompt_text.setdefault(tuple(p), None)
-    keys = list(prompt_text)
-    for key, text in zip(keys, tokenizer.batch_decode([list(k) for k in keys], skip_special_tokens=skip_special_tokens)):
-        prompt_text[key] = text
+    keys = list(dict.fromkeys(tuple(p) for p in prompts))  # G completions share one prompt: decode it once
+    prompt_text = dict(zip(keys, tokenizer.batch_decode([list(k) for k in keys],
+                                                        skip_special_tokens=skip_special_tokens)))
     whole = tokenizer.batch_decode([list(p) + c for p, c in zip(prompts, ids)], skip_special_tokens=skip_special_tokens)
     texts = []
     for p, c, full in zip(prompts, ids, whole):
