@@ -169,6 +169,30 @@ def shm_files(pids=None) -> set[str]:
     return names
 
 
+def socket_files(pids) -> set[str]:
+    """Paths of the Unix sockets these processes have bound (vLLM's ZMQ ``ipc://`` files among them):
+    /proc/net/unix by the inodes of the processes' ``socket:[...]`` descriptors."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    paths = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 8 and parts[6] in inodes and parts[7].startswith("/"):
+            paths.add(parts[7])
+    return paths
+
+
 def leaked_shm(before: set[str]) -> list[str]:
     """Names in /dev/shm that were not in ``before`` and that no live process maps: left behind (what
     a killed vLLM engine leaves: its message queues ``psm_*`` and its lock ``sem.mp-*``)."""

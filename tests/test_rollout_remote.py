@@ -15,7 +15,7 @@ import pytest
 
 from megatron_grpo.distributed.ports import free_port
 from tests.e2e import (CONFIG, REPO, SHM, alive, descendants, env, error_lines, kill_tree, metrics, run_train,
-                       shm_files, train_cmd)
+                       shm_files, socket_files, train_cmd)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_shm_leak")]  # see tests/conftest.py
 pytestmark = [*pytestmark, pytest.mark.vllm]  # the 3.12 lane has no vLLM
@@ -130,8 +130,9 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
     a trainer whose GRPO_TRANSFER_ADDR is not its own, and a server whose engine settings differ from
     its trainer's: each ends with one `error:` line (exit 0 for the signal). Two servers with their
     vLLM engine up are SIGKILLed: one with all its processes (what torchrun's or a user's kill -9 of a
-    process group does), one alone (the OOM killer): neither leaves vLLM processes or /dev/shm files
-    behind (nor does anything else here: ``no_shm_leak``). All run at once."""
+    process group does), one alone (the OOM killer): neither leaves vLLM processes, /dev/shm files or the
+    socket files of vLLM's ZMQ channels behind (nor does anything else here: ``no_shm_leak``). All run at
+    once."""
     not_yet = [f"model.path={tmp_path / 'model-made-by-the-trainer'}", assets[1]]  # server connects before vLLM
     common = ["rollout.placement=disaggregated", *COMMON]
     t0 = time.monotonic()
@@ -157,7 +158,7 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         procs[name] = subprocess.Popen(train_cmd(*assets, *common, f"trainer.output_dir={tmp_path / name}"),
                                        cwd=REPO, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True, start_new_session=True)
-    engines, left = {}, {}  # killed server -> (its processes, its /dev/shm files); what remains of them
+    engines, left = {}, {}  # killed server -> (its processes, its /dev/shm files, its sockets); what remains
     try:
         # generous: eleven processes start at once here, on 2 cores shared with the rest of the suite
         seen = _read_until(procs["sigterm"], "connecting to the trainer", timeout=600)
@@ -165,7 +166,7 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         for name in ("killed", "killed alone"):
             _read_until(procs[name], "connecting to the trainer", timeout=900)  # its vLLM engine is up
             pids = descendants(procs[name].pid)
-            engines[name] = (pids, shm_files(pids))
+            engines[name] = (pids, shm_files(pids), socket_files([procs[name].pid, *pids]))
         kill_tree(procs["killed"].pid)
         procs["killed alone"].kill()
         for name in engines:  # not communicate(): orphans of a killed server would hold its pipes open
@@ -177,20 +178,23 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         results["sigterm"] = (results["sigterm"][0], seen + results["sigterm"][1], results["sigterm"][2])
         deadline = time.monotonic() + 30
         while True:
-            left = {name: (alive(pids), sorted(f for f in files if (SHM / f).exists()))
-                    for name, (pids, files) in engines.items()}
-            if not any(a or b for a, b in left.values()) or time.monotonic() > deadline:
+            left = {name: (alive(pids), sorted(f for f in files if (SHM / f).exists()),
+                           sorted(s for s in sockets if os.path.exists(s)))
+                    for name, (pids, files, sockets) in engines.items()}
+            if not any(any(x) for x in left.values()) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     finally:
         for p in procs.values():
             if p.poll() is None:
                 kill_tree(p.pid)
-        for pids, files in engines.values():  # what a killed server left, if anything: this test cleans up
+        for pids, files, sockets in engines.values():  # what a killed server left, if anything: this test cleans up
             for pid in alive(pids):
                 os.kill(pid, signal.SIGKILL)
             for f in files:
                 (SHM / f).unlink(missing_ok=True)
+            for s in sockets:
+                Path(s).unlink(missing_ok=True)
     print(f"all done in {time.monotonic() - t0:.1f} s")
     expected = {
         "bad host": "GRPO_TRANSFER_ADDR=no-such-host.invalid: cannot resolve the host name",
@@ -210,9 +214,11 @@ def test_rollout_server_and_trainer_fail_fast_with_one_line(assets, tmp_path):
         assert rc == 2 and len(lines) == 1 and text in lines[0], (name, rc, lines, err[-3000:])
     rc, out, err = results["sigterm"]
     assert rc == 0 and not error_lines(err) and "SIGTERM before a trainer connected" in out, (rc, out, err[-3000:])
-    for name, (pids, files) in engines.items():
+    for name, (pids, files, sockets) in engines.items():
         assert any(f.startswith("psm_") for f in files), (name, files)  # vLLM's message queues, seen mapped
-    assert all(v == ([], []) for v in left.values()), f"(processes still running, files still in {SHM}): {left}"
+        assert sockets, name  # vLLM's ZMQ channels, seen bound
+    assert all(v == ([], [], []) for v in left.values()), \
+        f"(processes still running, files still in {SHM}, socket files still there): {left}"
 
 
 def test_rollout_server_with_vllm_tp2_spans_two_ranks(assets, tmp_path):

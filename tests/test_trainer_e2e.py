@@ -225,12 +225,16 @@ def test_algorithm_options_run_through_the_trainer(assets, tmp_path, options):
 @pytest.fixture(scope="module")
 def usr1_disaggregated(assets, tmp_path_factory):
     """A disaggregated run (max_steps=40) that gets SIGUSR1 in every process once step 2 is logged, as
-    Slurm signals a job step; what it did, for the USR1 test and (its first 2 steps) the placement test."""
+    Slurm signals a job step; what it did, for the USR1 test and (its first 2 steps) the placement test.
+    Its TMPDIR is its own, to see which socket files (vLLM's ZMQ channels) it leaves there."""
     out = tmp_path_factory.mktemp("usr1") / "run"
+    tmp = out.parent / "tmp"
+    tmp.mkdir()
     before = shm_names()
     cmd = train_cmd(*assets, "rollout.placement=disaggregated", "trainer.max_steps=40", "trainer.eval_steps=0",
                     "checkpoint.save_steps=0", "trainer.export_at_end=false", f"trainer.output_dir={out}")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), "TMPDIR": str(tmp)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -249,7 +253,8 @@ def usr1_disaggregated(assets, tmp_path_factory):
         if proc.poll() is None:
             kill_tree(proc.pid)
     return {"returncode": proc.returncode, "log": log, "out": out, "running_at_step_2": running,
-            "engine_pids": engine_pids, "shm_left": shm_left_after(before)}
+            "engine_pids": engine_pids, "shm_left": shm_left_after(before),
+            "sockets_left": sorted(str(p) for p in tmp.rglob("*") if p.is_socket())}
 
 
 def test_usr1_to_every_process_checkpoints_a_disaggregated_run(usr1_disaggregated):
@@ -261,6 +266,7 @@ def test_usr1_to_every_process_checkpoints_a_disaggregated_run(usr1_disaggregate
     assert run["engine_pids"], "the disaggregated engine runs in processes of its own"
     assert run["returncode"] == 0, log[-3000:]
     assert not run["shm_left"], f"left behind in /dev/shm: {run['shm_left']}"
+    assert not run["sockets_left"], f"socket files left behind in TMPDIR: {run['sockets_left']}"
     saved = re.search(r"preemption signal \S+: checkpoint of step (\d+) saved", log)
     assert saved, log[-3000:]
     step = int(saved.group(1))

@@ -50,13 +50,15 @@ _TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 @contextlib.contextmanager
-def _engine_process_env(devices: Sequence[int] | None, cpu: bool):
+def _engine_process_env(devices: Sequence[int] | None, cpu: bool, ipc_dir: str | None):
     saved = {k: os.environ.get(k) for k in (*_TORCHRUN_ENV, "CUDA_VISIBLE_DEVICES", "VLLM_ENABLE_V1_MULTIPROCESSING",
-                                            "VLLM_CPU_OMP_THREADS_BIND")}
+                                            "VLLM_CPU_OMP_THREADS_BIND", "VLLM_RPC_BASE_PATH")}
     try:
         for k in _TORCHRUN_ENV:
             os.environ.pop(k, None)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        if ipc_dir:
+            os.environ["VLLM_RPC_BASE_PATH"] = ipc_dir  # vLLM's ZMQ ipc:// socket files (see private_ipc_dir)
         if cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             # vllm-cpu's mp executor binds each worker to its own NUMA node by default and refuses
             # TP > #NUMA nodes (one on most machines); without binding the OS schedules the threads.
@@ -70,6 +72,20 @@ def _engine_process_env(devices: Sequence[int] | None, cpu: bool):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def private_ipc_dir() -> str | None:
+    """A new folder for one engine's ZMQ ``ipc://`` socket files, under the folder vLLM would use.
+    vLLM names them ``<VLLM_RPC_BASE_PATH>/<uuid>``; a process that is killed, or that ends without the
+    interpreter's teardown, never unlinks them, so each engine gets its own folder, which
+    :func:`stop_engine` or, when the owner is killed, the engine's guard removes. None (vLLM's own
+    folder) where the socket paths would pass the 107-byte limit of a Unix socket's name."""
+    import tempfile
+
+    base = os.environ.get("VLLM_RPC_BASE_PATH") or tempfile.gettempdir()
+    if len(os.path.join(base, "mgrpo-ipc-12345678", "0" * 36)) > 100:
+        return None
+    return tempfile.mkdtemp(prefix="mgrpo-ipc-", dir=base)
 
 
 def transfer_backend(platform) -> str:
@@ -88,16 +104,20 @@ def start_engine(cfg: EngineConfig, *, platform, devices: Sequence[int] | None) 
 
     backend = "mp" if cfg.tensor_parallel_size > 1 else None
     kwargs = engine_kwargs(cfg, platform=platform, executor_backend=backend)
-    runner = None
+    runner, ipc_dir = None, private_ipc_dir()
     try:
-        with PreemptionFlag.children_immune(), preserve_rng(), _engine_process_env(devices, cpu=not platform.cuda):
+        with PreemptionFlag.children_immune(), preserve_rng(), \
+                _engine_process_env(devices, cpu=not platform.cuda, ipc_dir=ipc_dir):
             runner = VLLMRunner(LLM(**kwargs), cfg)
+        runner.ipc_dir = ipc_dir
         runner.guard = _start_guard(runner)
         if not platform.cuda and cfg.tensor_parallel_size > 1:
             runner.rpc("mgrpo_unlink_cpu_shm")  # see worker_ext.unlink_vllm_cpu_shm
     except BaseException:  # e.g. a SIGTERM handler's exception: no half-started engine is left running
         if runner is not None:
             stop_engine(runner)
+        if ipc_dir:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
         raise
     return runner
 
@@ -107,7 +127,8 @@ def _start_guard(runner: VLLMRunner):
     when they are SIGKILLed together with it (see ``engine_guard``)."""
     from megatron_grpo.rollout.engine_guard import engine_processes, start_guard
 
-    return start_guard(lambda: engine_processes(runner.rpc("mgrpo_pid")), "the vLLM engine's processes")
+    return start_guard(lambda: engine_processes(runner.rpc("mgrpo_pid")), "the vLLM engine's processes",
+                       dirs=[runner.ipc_dir] if runner.ipc_dir else [])
 
 
 def stop_engine(runner: VLLMRunner) -> None:
@@ -119,7 +140,9 @@ def stop_engine(runner: VLLMRunner) -> None:
         runner.llm.llm_engine.engine_core.shutdown()
     guard = getattr(runner, "guard", None)
     if guard is not None:
-        guard.release()
+        guard.release()  # it removes the socket folder once the engine's processes are gone
+    elif getattr(runner, "ipc_dir", None):
+        shutil.rmtree(runner.ipc_dir, ignore_errors=True)
 
 
 def while_running(rpc, collective):

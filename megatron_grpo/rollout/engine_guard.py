@@ -20,7 +20,10 @@ and inode; found by inode, so that a semaphore, mapped under glibc's temporary n
 shutdown). Then it gives the engine's processes a few seconds to end, SIGKILLs those still running
 (only a pid whose start time matches: never a reused pid), and removes the recorded files still
 present with the same device and inode: only files this engine's processes mapped, never another
-run's (nor files its owner maps itself). With nothing left over it does nothing and says nothing.
+run's (nor files its owner maps itself). It also removes the engine's private socket folder (vLLM's ZMQ
+``ipc://`` files, see ``disaggregated._engine_process_env``): a killed process never unlinks its sockets,
+and a run's end skips the interpreter's teardown (``lifetime``), so they would pile up in /tmp.
+With nothing left over it does nothing and says nothing.
 
 The trainer uses the same guard for its own helper processes (the reward pool, dist_checkpointing's
 results queue; ``trainer/loop.py``), which are started immune to Slurm's signals and would otherwise
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,13 +147,13 @@ class EngineGuard:
         self.pid, self._fd = pid, release_fd
 
     @classmethod
-    def start(cls, engine_pids) -> "EngineGuard":
+    def start(cls, engine_pids, dirs=()) -> "EngineGuard":
         owner = os.getpid()
         procs = [[p, s] for p in engine_pids if (s := start_time(p)) is not None]
         mine = mapped_shm(owner)
         theirs = set().union(*(mapped_shm(pid) for pid, _ in procs)) - mine
         record = {"owner": [owner, start_time(owner)], "procs": procs, "exclude": sorted(mine),
-                  "files": shm_names(theirs)}
+                  "files": shm_names(theirs), "dirs": [os.path.abspath(d) for d in dirs]}
         r, w = os.pipe()
         try:
             record["fd"] = r
@@ -177,13 +181,14 @@ class EngineGuard:
             self._fd = None
 
 
-def start_guard(find_pids, what: str) -> EngineGuard | None:
-    """A guard over the processes ``find_pids()`` returns, or None with a warning: the guard is a
-    safety net, a run without it still works (``what`` names them in the warning)."""
+def start_guard(find_pids, what: str, dirs=()) -> EngineGuard | None:
+    """A guard over the processes ``find_pids()`` returns (and the folders ``dirs``, removed once they
+    are gone), or None with a warning: the guard is a safety net, a run without it still works
+    (``what`` names them in the warning)."""
     import logging
 
     try:
-        return EngineGuard.start(find_pids())
+        return EngineGuard.start(find_pids(), dirs)
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
         logging.getLogger(__name__).warning(
             "%s started without a guard process (%s): if this process is SIGKILLed, they and their /dev/shm "
@@ -208,6 +213,8 @@ def _wait_for_owner(record: dict) -> None:
 
 
 def _clean(record: dict) -> tuple[list[int], list[str]]:
+    """Kill what is left of the engine, then remove its /dev/shm files and folders; (killed pids, removed
+    /dev/shm names). The folders (private socket folders) go silently: they hold no memory."""
     procs = [(p, s) for p, s in record["procs"]]
     files = dict(record["files"])
     exclude = {tuple(x) for x in record["exclude"]}
@@ -239,6 +246,8 @@ def _clean(record: dict) -> tuple[list[int], list[str]]:
                 removed.append(name)
         except OSError:
             pass
+    for folder in record.get("dirs", []):
+        shutil.rmtree(folder, ignore_errors=True)
     return killed, removed
 
 
