@@ -67,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    own_log_dir = None
+    if getattr(args, "log_dir", None) is None and getattr(args, "logs_specs", None) is None:
+        # torchrun's default is a tempfile.mkdtemp("torchelastic_") tree that nobody removes: one per run
+        # left in /tmp. Ours goes when torchrun is done (the ranks' error files are read by then).
+        import tempfile
+
+        own_log_dir = args.log_dir = tempfile.mkdtemp(prefix="torchelastic_")
     try:
         run(args)
     except ChildFailedError as e:
@@ -82,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         print(f"error: rank {rank} exited with {what}; its output is above", file=sys.stderr, flush=True)
         return code if code > 0 else 1
+    finally:
+        if own_log_dir is not None:
+            import shutil
+
+            shutil.rmtree(own_log_dir, ignore_errors=True)
     return 0
 
 

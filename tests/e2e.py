@@ -97,12 +97,12 @@ def kill9_at_step(cmd: list[str], run_dir: Path, kill_at: int) -> int:
     return int(saved[-1].split("_")[1])
 
 
-def start_run(args, log_path: Path, nproc: int = 1) -> subprocess.Popen:
+def start_run(args, log_path: Path, nproc: int = 1, **extra_env: str) -> subprocess.Popen:
     """Start a training run in a process group (session) of its own, as a job step or a shell's foreground job
     is, so that ``os.killpg(proc.pid, sig)`` is what Slurm's scancel, `timeout` or Ctrl-C does. Output goes to
     ``log_path`` (a file, not a pipe nobody reads while waiting: it would block the run)."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(train_cmd(*args, nproc=nproc), cwd=REPO, env=env(), stdout=log,
+        proc = subprocess.Popen(train_cmd(*args, nproc=nproc), cwd=REPO, env={**env(), **extra_env}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     proc.log_path = log_path
     return proc

@@ -50,10 +50,13 @@ def test_group_sigint_during_a_step_under_nproc_per_node(assets, tmp_path):
     """`train --nproc-per-node 2` (torchrun underneath) and Ctrl-C (SIGINT to the foreground group): the
     launcher takes it instead of torchrun (whose own SIGINT handling would kill the ranks and end in a
     traceback) and hands it to the ranks; they finish the step, checkpoint it and exit 0. The same path with
-    SIGTERM (`timeout`, a batch system) is test_trainer_bf16's run (launch.FORWARDED holds both)."""
-    run_dir = tmp_path / "run"
+    SIGTERM (`timeout`, a batch system) is test_trainer_bf16's run (launch.FORWARDED holds both).
+    The run has a TMPDIR of its own and leaves nothing there but torch's compile cache (torchrun's
+    default log folder, ``torchelastic_*``, used to stay behind: one per run)."""
+    run_dir, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
     proc = start_run([*assets, *COMMON, "parallel.tp=2", "trainer.max_steps=40", "checkpoint.save_steps=0",
-                      f"trainer.output_dir={run_dir}"], tmp_path / "run.log", nproc=2)
+                      f"trainer.output_dir={run_dir}"], tmp_path / "run.log", nproc=2, TMPDIR=str(tmp))
     wait_for_run(proc, lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 1, "step 1")
     os.killpg(proc.pid, signal.SIGINT)
     log = finish_run(proc)
@@ -62,3 +65,5 @@ def test_group_sigint_during_a_step_under_nproc_per_node(assets, tmp_path):
     assert 1 <= step < 40
     assert verify_checkpoint(run_dir / "checkpoints" / f"step_{step:08d}") is None
     assert "Traceback" not in log and "SignalException" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    left = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_"))
+    assert not left, f"left behind in TMPDIR: {left}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,8 +72,8 @@ def run_distributed(
         rc, log_path, offset, elapsed = torchrun_pool.run_in_pool(
             world_size, prefix, full_env, target, run_dir, free_port(), timeout)
     else:
-        rc, elapsed = _launch([*prefix, "-m", "megatron_grpo.testing.torchrun_worker", target, str(run_dir)],
-                              full_env, log_path, timeout)
+        rc, elapsed = _launch([*prefix, f"--log-dir={run_dir / 'elastic'}", "-m", "megatron_grpo.testing.torchrun_worker",
+                               target, str(run_dir)], full_env, log_path, timeout)
 
     results, failures, missing = [], [], []
     for rank in range(world_size):
@@ -94,7 +95,9 @@ def run_distributed(
         raise AssertionError(
             f"{target} at world size {world_size} {what}; ranks without a result: {missing}\n"
             + "\n".join(failures) + f"\n--- log tail:\n{_tail(log_path, offset=offset)}"
+            + f"\n--- kept: {run_dir}"
         )
+    shutil.rmtree(run_dir, ignore_errors=True)  # kept only when the call failed
     return results
 
 

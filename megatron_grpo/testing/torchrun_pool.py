@@ -44,7 +44,8 @@ class _Pool:
         (self.dir / "env.json").write_text(json.dumps(env))
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [*cmd_prefix, "-m", "megatron_grpo.testing.torchrun_worker", "--pool", str(self.dir)],
+            [*cmd_prefix, f"--log-dir={self.dir / 'elastic'}", "-m", "megatron_grpo.testing.torchrun_worker", "--pool",
+             str(self.dir)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def alive(self) -> bool:
@@ -154,12 +155,18 @@ def run_in_pool(world_size: int, cmd_prefix: list, env: dict, target: str, run_d
     rc, offset, elapsed = pool.run(target, run_dir, master_port, timeout, env)
     if rc != 0:
         _POOLS.pop(world_size, None)
+        _ENDED.append(pool.dir)  # its log is the caller's error report: removed at exit
     return rc, pool.log_path, offset, elapsed
+
+
+_ENDED: list[Path] = []  # folders of pools that failed or hung
 
 
 def stop_all() -> None:
     for ws in list(_POOLS):
         _POOLS.pop(ws).stop()
+    for folder in _ENDED:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 atexit.register(stop_all)
@@ -260,6 +267,7 @@ def serve(pool_dir: Path, run_one) -> int:
             return 1
         if rank == 0:  # keep this body's store (hosted here) until every rank is through its body
             others = [run_dir / f"rank{r}.json" for r in range(1, int(os.environ.get("WORLD_SIZE", "1")))]
-            while not all(p.exists() for p in others):
+            # (the caller removes run_dir once it has read every rank's record: then all are through)
+            while run_dir.exists() and not all(p.exists() for p in others):
                 time.sleep(POLL_S)
         _restore(snap)
