@@ -21,7 +21,7 @@ shutdown). Then it gives the engine's processes a few seconds to end, SIGKILLs t
 (only a pid whose start time matches: never a reused pid), and removes the recorded files still
 present with the same device and inode: only files this engine's processes mapped, never another
 run's (nor files its owner maps itself). It also removes the engine's private socket folder (vLLM's ZMQ
-``ipc://`` files, see ``disaggregated._engine_process_env``): a killed process never unlinks its sockets,
+``ipc://`` files, see ``disaggregated.private_ipc_dir``): a killed process never unlinks its sockets,
 and a run's end skips the interpreter's teardown (``lifetime``), so they would pile up in /tmp.
 With nothing left over it does nothing and says nothing.
 
