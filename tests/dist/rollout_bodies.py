@@ -69,3 +69,27 @@ def texts_match_vllm_detokenizer(model_dir: str, prompts: list, stop_token_ids: 
                                         "vllm": [c.text for c in completions],
                                         "vllm_tokens": [list(c.token_ids) for c in completions]}
     return out
+
+
+def engine_start_beside_another_job(model_dir: str, meeting: str, job: str, other: str) -> dict:
+    """One of two jobs that start a colocated vLLM TP=2 engine at the same moment (rank 0 of each waits,
+    before its engine's init, for the other job's marker in ``meeting``), then generate."""
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from megatron_grpo.distributed.init import init_distributed
+    from megatron_grpo.rollout import ColocatedEngine, EngineConfig, SamplingConfig
+
+    init_distributed(tp=1, pp=1)
+    if dist.get_rank() == 0:
+        (Path(meeting) / job).touch()
+        deadline = time.monotonic() + 300
+        while not (Path(meeting) / other).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    dist.barrier()
+    engine = ColocatedEngine(EngineConfig(model=model_dir, tensor_parallel_size=2, max_model_len=256,
+                                          kv_cache_memory_bytes=32 << 20))
+    out = engine.generate(["What is 3 + 4?"], SamplingConfig(n=2, temperature=1.0, max_tokens=4), seed=1)
+    return {"tokens": out.completion_token_ids}
